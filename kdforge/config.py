@@ -183,7 +183,8 @@ class DataConfig:
     in_chans: int = 3
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    train_transform: str = "simple"
+    train_transform: Literal["standard", "cifar", "pad_crop", "none"] = "standard"
+    eval_crop_pct: float = 0.875
     on_corrupt: Literal["skip", "fail"] = "skip"
     drop_last: bool = True
     require_root: bool = True
@@ -195,6 +196,9 @@ class DataConfig:
         require(len(self.mean) == len(self.std), _k(prefix, "std"), f"{len(self.mean)} values like mean",
                 list(self.std))
         require(all(s > 0 for s in self.std), _k(prefix, "std"), "positive values", list(self.std))
+        require(len(self.mean) == self.in_chans, _k(prefix, "mean"), f"{self.in_chans} values (one per channel)",
+                list(self.mean))
+        require(0 < self.eval_crop_pct <= 1, _k(prefix, "eval_crop_pct"), "a number in (0, 1]", self.eval_crop_pct)
 
 
 @dataclass

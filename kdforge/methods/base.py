@@ -70,10 +70,6 @@ class Method(nn.Module):
         self.cfg = cfg
         self.args = cfg.method_args() if cfg is not None else self.Config()
         self.student = student
-        if self.needs_teacher and teacher is None:
-            from kdforge.config import ConfigError
-            raise ConfigError(f"teacher: method {type(self).__name__} needs a teacher; set "
-                              "teacher.name and teacher.checkpoint (or teacher.weights)")
         self.set_teacher(teacher)
         self.epoch = 0
         self.steps_per_epoch = 1

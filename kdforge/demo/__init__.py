@@ -1,0 +1,1 @@
+"""``kdforge demo``: every method on the bundled digits data, one table."""

@@ -1,0 +1,1 @@
+"""Demo rows: one module per method, each with ``run(ctx) -> list[DemoRow]``."""

@@ -1,0 +1,1 @@
+"""Training engine: the one trainer, distributed helpers, checkpoints, schedules, EMA, logging."""
