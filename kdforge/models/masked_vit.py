@@ -13,6 +13,9 @@ number of prefix tokens (1: [CLS]) and ``attn`` is the last block's softmax atte
 query over the N patch tokens, (B, heads, N), or None. Inputs of any size divisible by the patch
 size work (the position embedding is resampled bicubically by timm's ``dynamic_img_size`` path), so
 224 px global and 96 px local crops share one model.
+
+``masked_vit_forward(vit, x, mask_token, mask, return_attention)`` is the same forward as a function,
+for methods that keep the plain timm model as their ``student`` (so its state-dict keys stay timm's).
 """
 from __future__ import annotations
 
@@ -38,15 +41,57 @@ def enable_dynamic_img_size(vit: nn.Module) -> None:
     vit.dynamic_img_size = True
 
 
+def _check_vit(vit: nn.Module) -> None:
+    for attr in ("patch_embed", "_pos_embed", "blocks", "norm"):
+        if not hasattr(vit, attr):
+            raise TypeError(f"masked ViT forward needs a timm VisionTransformer; {type(vit).__name__} has no {attr!r}")
+
+
+def masked_embed(vit: nn.Module, x: Tensor, mask_token: Optional[Tensor] = None,
+                 mask: Optional[Tensor] = None) -> Tensor:
+    """timm patch embedding with masked cells replaced by ``mask_token`` (1, D), then timm's position
+    embedding (+ [CLS]), patch dropout and pre-norm: (B, C, H, W) -> (B, P + N, D).
+    ``mask`` (B, h, w) or (B, N) bool, True = masked."""
+    e = vit.patch_embed(x)                        # (B, h, w, D) (dynamic) or (B, N, D)
+    if mask is not None:
+        if mask_token is None:
+            raise ValueError("masked_embed: a mask was given but no mask token")
+        m = mask.to(device=e.device, dtype=torch.bool)
+        if m.numel() != e[..., 0].numel():
+            raise ValueError(f"masked ViT: mask of shape {tuple(mask.shape)} does not match the patch grid "
+                             f"{tuple(e.shape[:-1])}")
+        m = m.reshape(e.shape[:-1]).unsqueeze(-1)
+        e = torch.where(m, mask_token.to(e.dtype).view(*([1] * (e.ndim - 1)), -1), e)
+    x = vit._pos_embed(e)
+    x = vit.patch_drop(x)
+    return vit.norm_pre(x)
+
+
+def masked_vit_forward(vit: nn.Module, x: Tensor, mask_token: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                       return_attention: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """The wrapper's forward as a function of a timm ViT and a mask token (see the module doc):
+    -> (tokens (B, P + N, D) after the final norm, last-block [CLS] attention (B, heads, N) or None)."""
+    x = masked_embed(vit, x, mask_token, mask)
+    blocks = vit.blocks
+    attn = None
+    if return_attention:
+        for blk in blocks[:-1]:
+            x = blk(x)
+        last = blocks[-1]
+        attn = cls_attention_from_input(last.attn, last.norm1(x), int(getattr(vit, "num_prefix_tokens", 1)))
+        x = last(x)
+    else:
+        x = blocks(x)
+    return vit.norm(x), attn
+
+
 class MaskedViT(nn.Module):
     """Wrap a timm ViT (``vit``, kept as a submodule with timm keys) with a learnable mask token.
     See the module docstring for the forward contract and shapes."""
 
     def __init__(self, vit: nn.Module, dynamic_size: bool = True):
         super().__init__()
-        for attr in ("patch_embed", "_pos_embed", "blocks", "norm"):
-            if not hasattr(vit, attr):
-                raise TypeError(f"MaskedViT needs a timm VisionTransformer; {type(vit).__name__} has no {attr!r}")
+        _check_vit(vit)
         if dynamic_size:
             enable_dynamic_img_size(vit)
         self.vit = vit
@@ -58,33 +103,11 @@ class MaskedViT(nn.Module):
 
     def embed(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Patch embedding with masked cells replaced, then timm's position embedding: (B, P + N, D)."""
-        vit = self.vit
-        e = vit.patch_embed(x)                        # (B, h, w, D) (dynamic) or (B, N, D)
-        if mask is not None:
-            m = mask.to(device=e.device, dtype=torch.bool)
-            if m.numel() != e[..., 0].numel():
-                raise ValueError(f"MaskedViT: mask of shape {tuple(mask.shape)} does not match the patch grid "
-                                 f"{tuple(e.shape[:-1])}")
-            m = m.reshape(e.shape[:-1]).unsqueeze(-1)
-            e = torch.where(m, self.mask_token.to(e.dtype).view(*([1] * (e.ndim - 1)), -1), e)
-        x = vit._pos_embed(e)
-        x = vit.patch_drop(x)
-        return vit.norm_pre(x)
+        return masked_embed(self.vit, x, self.mask_token, mask)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None,
                 return_attention: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        x = self.embed(x, mask)
-        blocks = self.vit.blocks
-        attn = None
-        if return_attention:
-            for blk in blocks[:-1]:
-                x = blk(x)
-            last = blocks[-1]
-            attn = cls_attention_from_input(last.attn, last.norm1(x), self.num_prefix_tokens)
-            x = last(x)
-        else:
-            x = blocks(x)
-        return self.vit.norm(x), attn
+        return masked_vit_forward(self.vit, x, self.mask_token, mask, return_attention)
 
     def patch_tokens(self, tokens: Tensor) -> Tensor:
         """(B, P + N, D) -> (B, N, D) patch tokens."""
