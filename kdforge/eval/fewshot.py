@@ -1,0 +1,388 @@
+"""Few-shot episodic evaluation on fixed features (SMKD §3; "A Closer Look at Few-shot Classification").
+
+* :func:`sample_episodes` draws N-way K-shot episodes (Q queries per class, or every remaining image)
+  as row indices, seeded and reproducible: episode ``i`` depends only on ``(seed, i)``.
+* :func:`evaluate_episodes` classifies every episode's queries with one of
+
+  - ``"prototype"``: SMKD's "Prototype" (``fseval`` ``cosine``): prototypes = means of the raw support
+    features, prediction = argmax_w cos(query, prototype_w);
+  - ``"logistic"``: multinomial logistic regression (scikit-learn objective, ``C=1``) on L2-normalised
+    features, solved for all episodes at once (:mod:`kdforge.eval.logreg`);
+  - ``"cosine_classifier"``: SMKD's ``distLinear`` — a bias-free weight-normalised linear layer on
+    x/(‖x‖+1e-5) with scores 2·g_w·v̂_wᵀx̂, trained from torch's default Linear init (g = ‖v‖) with SGD
+    (lr 0.01, momentum 0.9, dampening 0.9, weight decay 1e-3) on cross-entropy over mini-batches of 4
+    support rows reshuffled every epoch, for 301 epochs; the scores after the last epoch are used.
+
+Every classifier reduces to per-episode linear scorers (E, W, D) + bias (E, W) applied to the
+L2-normalised queries (the argmax is invariant to the query's positive scale). Two exact scoring
+strategies: ``gather`` (gather the queries of each episode, batched matmul) and ``classblock`` (for
+"all remaining" queries: score every row of a class against the scorers of all episodes that use the
+class in one dense matmul, then pick the episode's queries), chosen automatically by cost.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdforge.eval._common import as_float, block_generator, l2_normalize, labels_to_index, mean_ci95
+from kdforge.eval.logreg import fit_logistic_gram
+
+CLASSIFIERS = ("prototype", "logistic", "cosine_classifier")
+_EPISODE_BLOCK = 1024      # episodes drawn per RNG block (sample_episodes)
+_FIT_BLOCK = 256           # episodes per RNG block of the cosine classifier's init and shuffles
+
+
+@dataclass
+class EpisodeResult:
+    """Result of :func:`evaluate_episodes`.
+
+    Attributes: ``mean`` and ``ci95`` (percent; ci95 = 1.96·std/√E, population std), ``accuracies``
+    (E,) float64 percent per episode, and the protocol (classifier, ways, shots, queries, episodes,
+    classifier options).
+    """
+
+    mean: float
+    ci95: float
+    accuracies: Tensor
+    classifier: str
+    n_way: int
+    n_shot: int
+    n_query: int
+    n_episodes: int
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self, with_accuracies: bool = False) -> dict:
+        """JSON-ready dict (per-episode accuracies only when asked)."""
+        d = {"mean": self.mean, "ci95": self.ci95, "classifier": self.classifier, "n_way": self.n_way,
+             "n_shot": self.n_shot, "n_query": self.n_query, "n_episodes": self.n_episodes,
+             "options": dict(self.options)}
+        if with_accuracies:
+            d["accuracies"] = [float(a) for a in self.accuracies]
+        return d
+
+    def __str__(self) -> str:
+        return (f"{self.mean:.2f}% +- {self.ci95:.2f}% ({self.classifier}, {self.n_way}-way {self.n_shot}-shot, "
+                f"{self.n_query} queries/class, {self.n_episodes} episodes)")
+
+
+# --------------------------------------------------------------------------------------------
+# Episodes
+# --------------------------------------------------------------------------------------------
+def _class_table(labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(classes, class index per row, counts, table (C, n_max) of member rows or -1, position in class)."""
+    classes, inv = labels_to_index(labels)
+    C = classes.numel()
+    counts = torch.bincount(inv, minlength=C)
+    order = torch.argsort(inv, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(inv)
+    pos[order] = torch.arange(inv.numel()) - starts[inv[order]]
+    table = torch.full((C, int(counts.max())), -1, dtype=torch.long)
+    table[inv, pos] = torch.arange(inv.numel())
+    return classes, inv, counts, table, pos
+
+
+def sample_episodes(labels, n_way: int = 5, n_shot: int = 1, n_query: Union[int, str, None] = 15,
+                    n_episodes: int = 10000, seed: int = 0) -> Tensor:
+    """Sample few-shot episodes as row indices into a labelled feature set.
+
+    Each episode picks ``n_way`` distinct classes uniformly, then ``n_shot + n_query`` distinct rows
+    of each class uniformly without replacement (a random permutation prefix, as SMKD's ``fseval``).
+
+    Args:
+        labels: (N,) integer labels of the rows (any values; not necessarily contiguous).
+        n_way, n_shot: ways and shots.
+        n_query: queries per class; ``None`` or ``"all"`` means every remaining image of each chosen
+            class (SMKD's protocol: n_query = 600 − n_shot on 600-image classes). With classes of
+            unequal size, ``"all"`` uses ``min(class size) − n_shot`` queries per class, so larger
+            classes are subsampled (as SMKD does on tieredImageNet), and a warning says so.
+        n_episodes: E.
+        seed: episodes are a pure function of (labels, n_way, n_shot, n_query, seed); episode ``i``
+            is the same whatever ``n_episodes`` (prefixes agree).
+
+    Returns:
+        LongTensor (E, n_way, n_shot + n_query) of row indices (CPU); ``[..., :n_shot]`` are the
+        support rows of each way and ``[..., n_shot:]`` its queries. The way index is the episode's
+        class target.
+    """
+    labels = torch.as_tensor(labels).flatten().cpu()
+    classes, _, counts, table, _ = _class_table(labels)
+    C = classes.numel()
+    if n_way < 1 or n_shot < 1 or n_episodes < 1:
+        raise ValueError(f"n_way, n_shot and n_episodes must be >= 1 (got {n_way}, {n_shot}, {n_episodes})")
+    if n_way > C:
+        raise ValueError(f"{n_way}-way episodes need at least {n_way} classes; the labels have {C}")
+    if n_query is None or n_query == "all":
+        q = int(counts.min()) - n_shot
+        if q < 1:
+            raise ValueError(f"n_query='all' leaves no query: the smallest class has {int(counts.min())} rows "
+                             f"for {n_shot} shots")
+        if bool((counts != counts[0]).any()):
+            warnings.warn(f"n_query='all' with classes of unequal size ({int(counts.min())}..{int(counts.max())} "
+                          f"rows): using {q} queries per class, larger classes are subsampled", stacklevel=2)
+    else:
+        q = int(n_query)
+        if q < 1:
+            raise ValueError(f"n_query must be >= 1, 'all' or None (got {n_query!r})")
+    need = n_shot + q
+    small = (counts < need).nonzero().flatten()
+    if small.numel():
+        names = ", ".join(f"{int(classes[i])} ({int(counts[i])} rows)" for i in small[:5])
+        raise ValueError(f"{n_shot}-shot episodes with {q} queries need {need} rows per class; too small: {names}"
+                         + (" ..." if small.numel() > 5 else ""))
+    n_max = table.shape[1]
+    out = torch.empty(n_episodes, n_way, need, dtype=torch.long)
+    for blk, s in enumerate(range(0, n_episodes, _EPISODE_BLOCK)):
+        gen = block_generator(seed, blk)
+        e = min(_EPISODE_BLOCK, n_episodes - s)
+        cls = torch.rand(_EPISODE_BLOCK, C, generator=gen).argsort(dim=1, stable=True)[:e, :n_way]
+        keys = torch.rand(_EPISODE_BLOCK, n_way, n_max, generator=gen)[:e]
+        members = table[cls]                                              # (e, W, n_max)
+        keys.masked_fill_(members < 0, 2.0)                                # padding sorts last
+        perm = keys.argsort(dim=-1, stable=True)[..., :need]
+        out[s:s + e] = members.gather(-1, perm)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Scorers: each returns (weights (e, W, D), bias (e, W) or None) for the L2-normalised queries.
+# --------------------------------------------------------------------------------------------
+def _prototype_scorers(feats: Tensor, support: Tensor) -> tuple[Tensor, None]:
+    """cos(q, p_w) ranking: p̂_w = normalise(mean_s f_s); support (e, W, S) row indices."""
+    proto = feats[support[..., 0]].clone()
+    for s in range(1, support.shape[-1]):
+        proto += feats[support[..., s]]
+    return l2_normalize(proto / support.shape[-1]), None
+
+
+def _logistic_scorers(fhat: Tensor, support: Tensor, C: float, max_iter: int, tol: float,
+                      fit_chunk: int) -> tuple[Tensor, Tensor]:
+    """sklearn-objective logistic regression per episode on L2-normalised support rows."""
+    e, W, S = support.shape
+    n = W * S
+    flat = support.reshape(e, n)
+    y = torch.arange(W, device=fhat.device).repeat_interleave(S).expand(e, n)
+    G = torch.empty(e, n, n, dtype=torch.float64, device=fhat.device)
+    for s in range(0, e, fit_chunk):
+        xs = fhat[flat[s:s + fit_chunk]].double()
+        G[s:s + fit_chunk] = xs @ xs.transpose(1, 2)
+    alpha, b = fit_logistic_gram(G, y, W, C=C, max_iter=max_iter, tol=tol)
+    w = torch.empty(e, W, fhat.shape[1], dtype=fhat.dtype, device=fhat.device)
+    for s in range(0, e, fit_chunk):
+        w[s:s + fit_chunk] = (alpha[s:s + fit_chunk].transpose(1, 2).to(fhat.dtype) @ fhat[flat[s:s + fit_chunk]])
+    return w, b.to(fhat.dtype)
+
+
+def _sgd_update(p: Tensor, grad: Tensor, buf: Optional[Tensor], lr: float, momentum: float, dampening: float,
+                weight_decay: float) -> Tensor:
+    """torch.optim.SGD's update (first step: buf = d_p; later buf = m·buf + (1−dampening)·d_p)."""
+    d_p = grad + weight_decay * p
+    buf = d_p.clone() if buf is None else buf.mul_(momentum).add_(d_p, alpha=1.0 - dampening)
+    p.sub_(lr * buf)
+    return buf
+
+
+def fit_cosine_classifier(x: Tensor, y: Tensor, n_way: int, generators: list, epochs: int = 301,
+                          batch_size: int = 4, lr: float = 0.01, momentum: float = 0.9, dampening: float = 0.9,
+                          weight_decay: float = 1e-3, scale: float = 2.0) -> Tensor:
+    """SMKD's per-episode cosine classifier (``distLinear``), trained for many episodes at once.
+
+    Model per episode: scores_w(x) = scale · g_w · v_wᵀx̂ / ‖v_w‖ with x̂ = x/(‖x‖+1e-5) (weight norm
+    on dim 0, no bias), v initialised as torch's ``nn.Linear`` default U(−1/√D, 1/√D), g = ‖v‖. SGD
+    with momentum/dampening/weight decay exactly as ``torch.optim.SGD`` (on g and v), mean
+    cross-entropy over mini-batches of ``batch_size`` rows, a fresh permutation every epoch.
+
+    Exact reduction: every update of v_w is a combination of v_w and the x̂_i, so v stays in
+    span{v(0), x̂_1..x̂_n} (dimension m ≤ W + n). Training runs on coordinates in an orthonormal
+    basis of that span (obtained from the (m, m) Gram matrix), which is the same SGD trajectory in
+    exact arithmetic at a fraction of the cost.
+
+    Args:
+        x: (B, n, D) raw support features; y: (B, n) targets in [0, n_way).
+        generators: one ``torch.Generator`` per consecutive block of episodes (sizes from
+            ``_FIT_BLOCK``); each draws its block's init and then, per epoch, its permutations.
+
+    Returns:
+        (B, W, D) scorer weights ``scale · g_w · v̂_w`` (apply to normalised queries; no bias).
+    """
+    B, n, D = x.shape
+    dev, dt = x.device, x.dtype
+    sizes = [min(_FIT_BLOCK, B - s) for s in range(0, B, _FIT_BLOCK)]
+    if len(generators) != len(sizes):
+        raise ValueError(f"need {len(sizes)} generators for {B} episodes, got {len(generators)}")
+    bound = 1.0 / math.sqrt(D)
+    v0 = torch.cat([(torch.rand(sz, n_way, D, generator=g) * 2 - 1) * bound
+                    for g, sz in zip(generators, sizes)]).to(device=dev, dtype=dt)
+    xh = x / (x.norm(dim=-1, keepdim=True) + 1e-5)
+    V = torch.cat([v0, xh], dim=1).double()                                 # (B, m, D), m = W + n
+    M = V @ V.transpose(1, 2)
+    evals, evecs = torch.linalg.eigh(M)
+    keep = evals > evals[:, -1:].clamp_min(0) * 1e-12
+    sq = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+    coords = evecs * sq[:, None, :]                                         # (B, m, m): V = coords @ Qᵀ
+    inv_sq = torch.where(keep, 1.0 / sq.clamp_min(1e-300), torch.zeros_like(sq))
+    c = coords[:, :n_way].clone()                                          # (B, W, m) v in the basis
+    z = coords[:, n_way:]                                                  # (B, n, m) x̂ in the basis
+    g = c.norm(dim=-1)                                                     # (B, W)
+    c_buf = g_buf = None
+    y = y.to(dev).long()
+    for _ in range(epochs):
+        perm = torch.cat([torch.rand(sz, n, generator=gen).argsort(dim=1) for gen, sz in zip(generators, sizes)])
+        perm = perm.to(dev)
+        for s in range(0, n, batch_size):
+            idx = perm[:, s:s + batch_size]                                # (B, b)
+            zb = z.gather(1, idx[..., None].expand(-1, -1, z.shape[-1]))    # (B, b, m)
+            yb = y.gather(1, idx)
+            nb = idx.shape[1]
+            cn = c.norm(dim=-1, keepdim=True)                               # (B, W, 1)
+            u = c / cn
+            a = zb @ u.transpose(1, 2)                                      # (B, b, W) cosines
+            logits = scale * g[:, None, :] * a
+            dl = (torch.softmax(logits, -1) - F.one_hot(yb, n_way).to(logits.dtype)) / nb
+            grad_g = scale * (dl * a).sum(1)                                # (B, W)
+            grad_u = scale * g[..., None] * (dl.transpose(1, 2) @ zb)      # (B, W, m)
+            grad_c = (grad_u - u * (u * grad_u).sum(-1, keepdim=True)) / cn
+            c_buf = _sgd_update(c, grad_c, c_buf, lr, momentum, dampening, weight_decay)
+            g_buf = _sgd_update(g, grad_g, g_buf, lr, momentum, dampening, weight_decay)
+    w_coords = scale * g[..., None] * c / c.norm(dim=-1, keepdim=True)     # (B, W, m)
+    # back to D dims: Q = Vᵀ U Λ^{-1/2}, so w = w_coords Qᵀ = (w_coords Λ^{-1/2} Uᵀ) V
+    mix = (w_coords * inv_sq[:, None, :]) @ evecs.transpose(1, 2)          # (B, W, m)
+    return (mix @ V).to(dt)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+def _correct_gather(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """Correct counts (e,) by gathering each episode's queries; queries (e, W, Q)."""
+    e, W, Q = queries.shape
+    xq = fhat[queries.reshape(e, W * Q)]                                   # (e, W·Q, D)
+    scores = xq @ w.transpose(1, 2)
+    if b is not None:
+        scores = scores + b[:, None, :]
+    pred = scores.argmax(-1).view(e, W, Q)
+    target = torch.arange(W, device=fhat.device)[None, :, None]
+    return (pred == target).sum((1, 2))
+
+
+def _correct_classblock(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor], ep_cls: Tensor,
+                        table: Tensor, counts: list, pos: Tensor) -> Tensor:
+    """Correct counts (e,) scoring whole classes at once; ep_cls (e, W) class index of each way."""
+    e, W, Q = queries.shape
+    correct = torch.zeros(e, dtype=torch.long, device=fhat.device)
+    qpos = pos[queries]                                                     # (e, W, Q) position in class
+    for c in torch.unique(ep_cls).tolist():
+        ek, wk = (ep_cls == c).nonzero(as_tuple=True)                       # each episode holds c once
+        rows = table[c, :counts[c]]
+        sc = fhat[rows] @ w[ek].reshape(-1, w.shape[-1]).T                  # (n_c, K·W)
+        sc = sc.view(rows.numel(), ek.numel(), W)
+        if b is not None:
+            sc = sc + b[ek][None]
+        ok = (sc.argmax(-1) == wk[None, :]).T                               # (K, n_c)
+        correct.index_add_(0, ek, ok.gather(1, qpos[ek, wk]).sum(1))
+    return correct
+
+
+def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, classifier: str = "prototype", *,
+                      strategy: str = "auto", chunk: Optional[int] = None, seed: int = 0, C: float = 1.0,
+                      max_iter: int = 30, tol: float = 1e-7, epochs: int = 301, lr: float = 0.01,
+                      batch_size: int = 4, fit_chunk: int = 2048) -> EpisodeResult:
+    """Accuracy of each few-shot episode with a chosen classifier (see the module doc).
+
+    Args:
+        features: (N, D) features (any float dtype; computed in float32/float64), on any device.
+        labels: (N,) labels; used to check that every way of every episode holds one class and to
+            index the classes for the ``classblock`` strategy.
+        episodes: (E, W, n_shot + Q) row indices from :func:`sample_episodes`.
+        n_shot: support rows per way (the first ``n_shot`` columns).
+        classifier: ``"prototype"``, ``"logistic"`` or ``"cosine_classifier"``.
+        strategy: ``"auto"``, ``"gather"`` or ``"classblock"`` (identical results).
+        chunk: episodes scored at once (default: bounded to about 64M floats of scorer memory).
+        seed: seeds the cosine classifier's init and shuffles (episode i depends on (seed, i)).
+        C, max_iter, tol: logistic regression (sklearn's C; Newton iterations; gradient tolerance).
+        epochs, lr, batch_size: cosine classifier (SMKD: 301, 0.01, 4).
+        fit_chunk: episodes fitted at once by the trained classifiers.
+
+    Returns:
+        :class:`EpisodeResult` with accuracies (E,) in percent = 100 · correct queries / (W · Q).
+    """
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {classifier!r}; choose one of {CLASSIFIERS}")
+    if strategy not in ("auto", "gather", "classblock"):
+        raise ValueError(f"unknown strategy {strategy!r}")
+    feats = as_float(features)
+    if feats.ndim != 2:
+        raise ValueError(f"features must be (N, D), got {tuple(feats.shape)}")
+    dev = feats.device
+    labels = torch.as_tensor(labels).flatten().cpu()
+    if labels.numel() != feats.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {feats.shape[0]} feature rows")
+    episodes = torch.as_tensor(episodes).long()
+    if episodes.ndim != 3 or episodes.shape[-1] <= n_shot:
+        raise ValueError(f"episodes must be (E, W, n_shot + Q) with Q >= 1; got {tuple(episodes.shape)} "
+                         f"for n_shot={n_shot}")
+    E, W, M = episodes.shape
+    Q = M - n_shot
+    _, inv, counts, table, pos = _class_table(labels)
+    ep_lab = inv[episodes.cpu()]
+    if bool((ep_lab != ep_lab[..., :1]).any()):
+        raise ValueError("an episode way mixes classes: episodes do not match these labels")
+    ep_cls = ep_lab[..., 0]
+    srt = ep_cls.sort(dim=1).values
+    if W > 1 and bool((srt[:, 1:] == srt[:, :-1]).any()):
+        raise ValueError("an episode uses the same class for two ways")
+    if strategy == "auto":
+        # classblock reads each class once per chunk but scores all its rows; gather copies the queries.
+        mean_n = float(counts[ep_cls].double().mean())
+        strategy = "classblock" if Q * 4 >= mean_n else "gather"
+    D = feats.shape[1]
+    if chunk is None:
+        chunk = max(1, min(E, (64 * 2**20) // (W * D)))
+    if classifier == "cosine_classifier":   # chunks hold whole RNG blocks
+        chunk = max(_FIT_BLOCK, (chunk // _FIT_BLOCK) * _FIT_BLOCK)
+    fhat = l2_normalize(feats)
+    episodes_d = episodes.to(dev)
+    if strategy == "classblock":
+        table_d, counts_l, pos_d, ep_cls_d = table.to(dev), counts.tolist(), pos.to(dev), ep_cls.to(dev)
+    correct = torch.empty(E, dtype=torch.long)
+    for s in range(0, E, chunk):
+        ep = episodes_d[s:s + chunk]
+        support, queries = ep[..., :n_shot], ep[..., n_shot:]
+        if classifier == "prototype":
+            w, b = _prototype_scorers(feats, support)
+        elif classifier == "logistic":
+            w, b = _logistic_scorers(fhat, support, C, max_iter, tol, fit_chunk)
+        else:
+            e = ep.shape[0]
+            w = torch.empty(e, W, D, dtype=feats.dtype, device=dev)
+            y = torch.arange(W, device=dev).repeat_interleave(n_shot)
+            # fit in groups of whole RNG blocks so that episode i's randomness depends on (seed, i)
+            step = max(_FIT_BLOCK, (fit_chunk // _FIT_BLOCK) * _FIT_BLOCK)
+            for f0 in range(0, e, step):
+                sup = support[f0:f0 + step]
+                nb = sup.shape[0]
+                gens = [block_generator(seed, (s + f0 + j) // _FIT_BLOCK) for j in range(0, nb, _FIT_BLOCK)]
+                x = feats[sup.reshape(nb, W * n_shot)]
+                w[f0:f0 + nb] = fit_cosine_classifier(x, y.expand(nb, -1), W, gens, epochs=epochs, lr=lr,
+                                                      batch_size=batch_size)
+            b = None
+        if strategy == "gather":
+            correct[s:s + chunk] = _correct_gather(fhat, queries, w, b).cpu()
+        else:
+            correct[s:s + chunk] = _correct_classblock(fhat, queries, w, b, ep_cls_d[s:s + chunk], table_d,
+                                                       counts_l, pos_d).cpu()
+    acc = correct.double() * (100.0 / (W * Q))
+    mean, ci = mean_ci95(acc)
+    opts = {"strategy": strategy}
+    if classifier == "logistic":
+        opts.update(C=C, normalize="l2", solver="newton-cg (exact sklearn objective)", tol=tol)
+    elif classifier == "cosine_classifier":
+        opts.update(epochs=epochs, lr=lr, batch_size=batch_size, momentum=0.9, dampening=0.9, weight_decay=1e-3,
+                    scale=2.0, seed=seed)
+    return EpisodeResult(mean, ci, acc, classifier, W, n_shot, Q, E, opts)
