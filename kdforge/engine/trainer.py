@@ -403,7 +403,7 @@ def train(cfg: Config) -> RunResult:
             if improved and main:
                 checkpoint(best_path, epoch + 1, 0)
             mtxt = " ".join(f"{k} {v:.2f}" for k, v in metrics.items()) if do_val else ""
-            logger.text(f"epoch {epoch + 1}/{tc.epochs} step {step} loss {float(loss):.4f} {mtxt}"
+            logger.text(f"epoch {epoch + 1}/{tc.epochs} step {step} loss {float(loss.detach()):.4f} {mtxt}"
                         + (f" (best {best_key} {best:.2f})" if best is not None else ""))
     seconds = time.time() - t_start
     if main:

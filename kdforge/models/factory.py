@@ -78,6 +78,8 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size
     lib, arch, kw = model_spec(name, kwargs)
     if lib == "timm":
         import timm
+        if img_size is not None and "img_size" in kw:  # a tiny ViT: the data size wins
+            kw["img_size"] = img_size
         if img_size is not None and "img_size" not in kw:
             kw_try = {**kw, "img_size": img_size}
             try:
