@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -137,45 +138,78 @@ def sample_episodes(labels, n_way: int = 5, n_shot: int = 1, n_query: Union[int,
         raise ValueError(f"{n_shot}-shot episodes with {q} queries need {need} rows per class; too small: {names}"
                          + (" ..." if small.numel() > 5 else ""))
     n_max = table.shape[1]
+    full = need == n_max                       # every image of every class: plain permutations
     out = torch.empty(n_episodes, n_way, need, dtype=torch.long)
     for blk, s in enumerate(range(0, n_episodes, _EPISODE_BLOCK)):
-        gen = block_generator(seed, blk)
+        rng = np.random.Generator(np.random.PCG64([int(seed) & (2**63 - 1), blk]))
         e = min(_EPISODE_BLOCK, n_episodes - s)
-        cls = torch.rand(_EPISODE_BLOCK, C, generator=gen).argsort(dim=1, stable=True)[:e, :n_way]
-        keys = torch.rand(_EPISODE_BLOCK, n_way, n_max, generator=gen)[:e]
-        members = table[cls]                                              # (e, W, n_max)
-        keys.masked_fill_(members < 0, 2.0)                                # padding sorts last
-        perm = keys.argsort(dim=-1, stable=True)[..., :need]
-        out[s:s + e] = members.gather(-1, perm)
+        cls = torch.from_numpy(rng.random((_EPISODE_BLOCK, C))).argsort(dim=1, stable=True)[:e, :n_way]
+        if full:
+            base = np.broadcast_to(np.arange(n_max, dtype=np.int32), (_EPISODE_BLOCK, n_way, n_max))
+            perm = torch.from_numpy(rng.permuted(base, axis=-1)[:e]).long()
+        else:
+            keys = torch.from_numpy(rng.random((_EPISODE_BLOCK, n_way, n_max)))[:e]
+            keys.masked_fill_(torch.arange(n_max) >= counts[cls][..., None], 2.0)   # padding never chosen
+            perm = keys.topk(need, dim=-1, largest=False, sorted=True).indices
+        out[s:s + e] = table[cls[..., None], perm]
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # Scorers: each returns (weights (e, W, D), bias (e, W) or None) for the L2-normalised queries.
 # --------------------------------------------------------------------------------------------
+_BUF_FLOATS = 4 * 2**20    # gathered rows per sub-chunk: temporaries stay small and are reused
+
+
+class _RowGather:
+    """Gathers rows of a (N, D) matrix into one reused buffer (large fresh CPU allocations are
+    page-faulted on every call, which costs more than the copy itself)."""
+
+    def __init__(self, src: Tensor):
+        self.src, self.buf = src, None
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        flat = idx.reshape(-1)
+        need = flat.numel() * self.src.shape[1]
+        if self.buf is None or self.buf.numel() < need:
+            self.buf = torch.empty(need, dtype=self.src.dtype, device=self.src.device)
+        out = self.buf[:need].view(flat.numel(), self.src.shape[1])
+        torch.index_select(self.src, 0, flat, out=out)
+        return out.view(*idx.shape, self.src.shape[1])
+
+
+def _sub(n_rows_per_item: int, D: int) -> int:
+    return max(1, _BUF_FLOATS // max(1, n_rows_per_item * D))
+
+
 def _prototype_scorers(feats: Tensor, support: Tensor) -> tuple[Tensor, None]:
     """cos(q, p_w) ranking: p̂_w = normalise(mean_s f_s); support (e, W, S) row indices."""
-    proto = feats[support[..., 0]].clone()
-    for s in range(1, support.shape[-1]):
-        proto += feats[support[..., s]]
-    return l2_normalize(proto / support.shape[-1]), None
+    e, W, S = support.shape
+    proto = torch.empty(e, W, feats.shape[1], dtype=feats.dtype, device=feats.device)
+    gather = _RowGather(feats)
+    step = _sub(W * S, feats.shape[1])
+    for s in range(0, e, step):
+        proto[s:s + step] = gather(support[s:s + step]).mean(2)
+    return l2_normalize(proto), None
 
 
-def _logistic_scorers(fhat: Tensor, support: Tensor, C: float, max_iter: int, tol: float,
-                      fit_chunk: int) -> tuple[Tensor, Tensor]:
+def _logistic_scorers(fhat: Tensor, support: Tensor, C: float, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
     """sklearn-objective logistic regression per episode on L2-normalised support rows."""
     e, W, S = support.shape
     n = W * S
     flat = support.reshape(e, n)
     y = torch.arange(W, device=fhat.device).repeat_interleave(S).expand(e, n)
-    G = torch.empty(e, n, n, dtype=torch.float64, device=fhat.device)
-    for s in range(0, e, fit_chunk):
-        xs = fhat[flat[s:s + fit_chunk]].double()
-        G[s:s + fit_chunk] = xs @ xs.transpose(1, 2)
+    G = torch.empty(e, n, n, dtype=fhat.dtype, device=fhat.device)
+    gather = _RowGather(fhat)
+    step = _sub(n, fhat.shape[1])
+    for s in range(0, e, step):
+        xs = gather(flat[s:s + step])
+        torch.matmul(xs, xs.transpose(1, 2), out=G[s:s + step])
     alpha, b = fit_logistic_gram(G, y, W, C=C, max_iter=max_iter, tol=tol)
+    alpha = alpha.to(fhat.dtype)
     w = torch.empty(e, W, fhat.shape[1], dtype=fhat.dtype, device=fhat.device)
-    for s in range(0, e, fit_chunk):
-        w[s:s + fit_chunk] = (alpha[s:s + fit_chunk].transpose(1, 2).to(fhat.dtype) @ fhat[flat[s:s + fit_chunk]])
+    for s in range(0, e, step):
+        torch.matmul(alpha[s:s + step].transpose(1, 2), gather(flat[s:s + step]), out=w[s:s + step])
     return w, b.to(fhat.dtype)
 
 
@@ -262,13 +296,17 @@ def fit_cosine_classifier(x: Tensor, y: Tensor, n_way: int, generators: list, ep
 def _correct_gather(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """Correct counts (e,) by gathering each episode's queries; queries (e, W, Q)."""
     e, W, Q = queries.shape
-    xq = fhat[queries.reshape(e, W * Q)]                                   # (e, W·Q, D)
-    scores = xq @ w.transpose(1, 2)
-    if b is not None:
-        scores = scores + b[:, None, :]
-    pred = scores.argmax(-1).view(e, W, Q)
-    target = torch.arange(W, device=fhat.device)[None, :, None]
-    return (pred == target).sum((1, 2))
+    gather = _RowGather(fhat)
+    target = torch.arange(W, device=fhat.device).repeat_interleave(Q)
+    correct = torch.empty(e, dtype=torch.long, device=fhat.device)
+    step = _sub(W * Q, fhat.shape[1])
+    for s in range(0, e, step):
+        xq = gather(queries[s:s + step].reshape(-1, W * Q))               # (e', W·Q, D)
+        scores = xq @ w[s:s + step].transpose(1, 2)
+        if b is not None:
+            scores = scores + b[s:s + step, None, :]
+        correct[s:s + step] = (scores.argmax(-1) == target).sum(1)
+    return correct
 
 
 def _correct_classblock(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor], ep_cls: Tensor,
@@ -303,11 +341,11 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
         n_shot: support rows per way (the first ``n_shot`` columns).
         classifier: ``"prototype"``, ``"logistic"`` or ``"cosine_classifier"``.
         strategy: ``"auto"``, ``"gather"`` or ``"classblock"`` (identical results).
-        chunk: episodes scored at once (default: bounded to about 64M floats of scorer memory).
+        chunk: episodes scored at once (default: about 8M floats of scorers, i.e. 2,184 5-way episodes at D=768).
         seed: seeds the cosine classifier's init and shuffles (episode i depends on (seed, i)).
         C, max_iter, tol: logistic regression (sklearn's C; Newton iterations; gradient tolerance).
         epochs, lr, batch_size: cosine classifier (SMKD: 301, 0.01, 4).
-        fit_chunk: episodes fitted at once by the trained classifiers.
+        fit_chunk: episodes fitted at once by the cosine classifier.
 
     Returns:
         :class:`EpisodeResult` with accuracies (E,) in percent = 100 · correct queries / (W · Q).
@@ -343,7 +381,7 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
         strategy = "classblock" if Q * 4 >= mean_n else "gather"
     D = feats.shape[1]
     if chunk is None:
-        chunk = max(1, min(E, (64 * 2**20) // (W * D)))
+        chunk = max(1, min(E, (8 * 2**20) // (W * D)))
     if classifier == "cosine_classifier":   # chunks hold whole RNG blocks
         chunk = max(_FIT_BLOCK, (chunk // _FIT_BLOCK) * _FIT_BLOCK)
     fhat = l2_normalize(feats)
@@ -357,7 +395,7 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
         if classifier == "prototype":
             w, b = _prototype_scorers(feats, support)
         elif classifier == "logistic":
-            w, b = _logistic_scorers(fhat, support, C, max_iter, tol, fit_chunk)
+            w, b = _logistic_scorers(fhat, support, C, max_iter, tol)
         else:
             e = ep.shape[0]
             w = torch.empty(e, W, D, dtype=feats.dtype, device=dev)

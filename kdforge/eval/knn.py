@@ -116,13 +116,15 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: int = 1024,
     g2 = gallery.pow(2).sum(1)
     out_d = torch.empty(M, k, dtype=gallery.dtype, device=gallery.device)
     out_i = torch.empty(M, k, dtype=torch.long, device=gallery.device)
+    buf = torch.empty(min(chunk, M) * min(gallery_chunk, N), dtype=gallery.dtype, device=gallery.device)
     for s in range(0, M, chunk):
         q = queries[s:s + chunk]
         best_d = best_i = None
         for t in range(0, N, gallery_chunk):
             g = gallery[t:t + gallery_chunk]
-            # ‖g‖² − 2 q·g : the query's own ‖q‖² does not change its ranking
-            d = torch.addmm(g2[t:t + gallery_chunk].unsqueeze(0), q, g.T, beta=1.0, alpha=-2.0)
+            # ‖g‖² − 2 q·g : the query's own ‖q‖² does not change its ranking (one reused buffer)
+            d = buf[:q.shape[0] * g.shape[0]].view(q.shape[0], g.shape[0])
+            torch.addmm(g2[t:t + gallery_chunk].unsqueeze(0), q, g.T, beta=1.0, alpha=-2.0, out=d)
             kk = min(k, d.shape[1])
             dv, di = d.topk(kk, dim=1, largest=False, sorted=best_d is None and t + gallery_chunk >= N)
             di = di + t
