@@ -54,8 +54,8 @@ def _brute(tr, ty, te, tey, ks, f):
     return out
 
 
-@pytest.mark.parametrize("rep", ["original", "norm", "shift-norm"])
-def test_best_nn_matches_brute_force(rep):
+@pytest.mark.parametrize("rep,gchunk", [("original", 100), ("norm", None), ("shift-norm", 300)])
+def test_best_nn_matches_brute_force(rep, gchunk):
     g = torch.Generator().manual_seed(1)
     tr, te = torch.randn(800, 12, generator=g) + 0.3, torch.randn(150, 12, generator=g) + 0.3
     ty, tey = torch.randint(0, 5, (800,), generator=g), torch.randint(0, 5, (150,), generator=g)
@@ -64,7 +64,7 @@ def test_best_nn_matches_brute_force(rep):
     mu = tr.mean(0)
     f = {"original": lambda x: x, "norm": lambda x: x / x.norm(dim=1, keepdim=True),
          "shift-norm": lambda x: (x - mu) / (x - mu).norm(dim=1, keepdim=True)}[rep]
-    r = best_nn(tr, ty, te, tey, k_max=15, rep_space=rep, chunk=32, gallery_chunk=100)   # many blocks
+    r = best_nn(tr, ty, te, tey, k_max=15, rep_space=rep, chunk=32, gallery_chunk=gchunk)   # one or many blocks
     ref = _brute(tr, ty, te, tey, range(1, 16, 2), f)
     assert r.acc_by_k == pytest.approx(ref)
     assert list(r.acc_by_k) == list(range(1, 16, 2))
@@ -77,7 +77,7 @@ def test_knn_search_chunking_invariant_and_exact():
     gal, q = torch.randn(500, 8, generator=g), torch.randn(70, 8, generator=g)
     d_ref = torch.cdist(q.double(), gal.double()).pow(2)
     ref_d, ref_i = d_ref.topk(9, dim=1, largest=False)
-    for chunk, gchunk in [(1024, None), (16, 50), (7, 130)]:
+    for chunk, gchunk in [(1024, None), (16, 50), (7, 130), (33, 320)]:   # two-stage and plain selection
         d, i = knn_search(gal, q, 9, chunk=chunk, gallery_chunk=gchunk)
         assert torch.equal(i, ref_i)
         torch.testing.assert_close(d.double(), ref_d, atol=1e-4, rtol=1e-5)

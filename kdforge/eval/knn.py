@@ -113,30 +113,61 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: int = 1024,
     if gallery_chunk is None:
         gallery_chunk = N if chunk * N <= 2**26 else max(k, 2**26 // chunk)
     gallery_chunk = max(int(gallery_chunk), k)
-    g2 = gallery.pow(2).sum(1)
+    if gallery_chunk >= _GROUP * k:                 # blocks of whole groups for the two-stage selection
+        gallery_chunk = (gallery_chunk // _GROUP) * _GROUP
+    # blocks: full-group blocks over [0, N_main), then the < _GROUP tail rows (if any) on their own
+    n_main = (N // _GROUP) * _GROUP if N >= _GROUP * k else N
+    blocks = [(t, min(gallery_chunk, n_main - t)) for t in range(0, n_main, gallery_chunk)]
+    if n_main < N:
+        blocks.append((n_main, N - n_main))
+    g2 = torch.linalg.vector_norm(gallery, dim=1).pow_(2)               # no (N, D) temporary
     out_d = torch.empty(M, k, dtype=gallery.dtype, device=gallery.device)
     out_i = torch.empty(M, k, dtype=torch.long, device=gallery.device)
-    buf = torch.empty(min(chunk, M) * min(gallery_chunk, N), dtype=gallery.dtype, device=gallery.device)
+    buf = torch.empty(min(chunk, M) * max(w for _, w in blocks), dtype=gallery.dtype, device=gallery.device)
     for s in range(0, M, chunk):
         q = queries[s:s + chunk]
-        best_d = best_i = None
-        for t in range(0, N, gallery_chunk):
-            g = gallery[t:t + gallery_chunk]
+        cand_d, cand_i = [], []
+        for t, w in blocks:
             # ‖g‖² − 2 q·g : the query's own ‖q‖² does not change its ranking (one reused buffer)
-            d = buf[:q.shape[0] * g.shape[0]].view(q.shape[0], g.shape[0])
-            torch.addmm(g2[t:t + gallery_chunk].unsqueeze(0), q, g.T, beta=1.0, alpha=-2.0, out=d)
-            kk = min(k, d.shape[1])
-            dv, di = d.topk(kk, dim=1, largest=False, sorted=best_d is None and t + gallery_chunk >= N)
-            di = di + t
-            if best_d is None:
-                best_d, best_i = dv, di
-            else:
-                cat_d, cat_i = torch.cat([best_d, dv], 1), torch.cat([best_i, di], 1)
-                best_d, sel = cat_d.topk(k, dim=1, largest=False, sorted=t + gallery_chunk >= N)
-                best_i = cat_i.gather(1, sel)
-        out_d[s:s + chunk] = (best_d + q.pow(2).sum(1, keepdim=True)).clamp_min_(0)
+            d = buf[:q.shape[0] * w].view(q.shape[0], w)
+            torch.addmm(g2[t:t + w].unsqueeze(0), q, gallery[t:t + w].T, beta=1.0, alpha=-2.0, out=d)
+            dv, di = _smallest(d, min(k, w))
+            cand_d.append(dv)
+            cand_i.append(di + t)
+        if len(cand_d) == 1:
+            best_d, order = cand_d[0].sort(dim=1)
+            best_i = cand_i[0].gather(1, order)
+        else:
+            cat_d, cat_i = torch.cat(cand_d, 1), torch.cat(cand_i, 1)
+            best_d, sel = cat_d.topk(k, dim=1, largest=False, sorted=True)
+            best_i = cat_i.gather(1, sel)
+        out_d[s:s + chunk] = (best_d + torch.linalg.vector_norm(q, dim=1, keepdim=True).pow_(2)).clamp_min_(0)
         out_i[s:s + chunk] = best_i
     return out_d, out_i
+
+
+_GROUP = 16
+
+
+def _smallest(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest entries of each row of d (m, w), unsorted: (values, columns).
+
+    Two-stage exact selection when w is a multiple of ``_GROUP`` (G) with w ≥ G·k: view the row as G
+    strided slabs of length L = w/G; group j = columns {j, j+L, …, j+(G−1)L}. With τ the k-th smallest
+    group minimum, at least k entries are ≤ τ, so every entry of the true k smallest is ≤ τ and lies
+    in a group whose minimum is ≤ τ, i.e. in one of the k selected groups. The final top-k then runs
+    over G·k candidates instead of w (the minimum over slabs is a cheap vectorised pass).
+    """
+    m, w = d.shape
+    if w % _GROUP or w < _GROUP * k:
+        return d.topk(k, dim=1, largest=False, sorted=False)
+    L = w // _GROUP
+    dv = d.view(m, _GROUP, L)
+    _, gi = dv.amin(1).topk(k, dim=1, largest=False, sorted=False)          # (m, k) selected groups
+    cand = dv.gather(2, gi[:, None, :].expand(-1, _GROUP, -1)).view(m, _GROUP * k)
+    v, ci = cand.topk(k, dim=1, largest=False, sorted=False)
+    cols = torch.div(ci, k, rounding_mode="floor") * L + gi.gather(1, ci % k)
+    return v, cols
 
 
 def vote_accuracies(neighbor_labels: Tensor, test_labels: Tensor, n_classes: int, ks: Sequence[int],
@@ -236,13 +267,13 @@ def best_nn(train_x: Tensor, train_y, test_x: Tensor, test_y, k_max: int = 101, 
         if weighted:
             q = l2_normalize(q)
         _, (y_idx,) = _labels_index(train_y, y.to(dev))[1:]
+        d2, idx = knn_search(gal, q, kmax, chunk=chunk, gallery_chunk=gallery_chunk, backend=backend)
+        w = torch.exp((1.0 - d2 / 2.0) / T) if weighted else None         # cos = 1 − ‖a − b‖²/2 on the sphere
         correct = {k: 0 for k in ks}
-        step = chunk * 8
+        step = max(1, 2**24 // max(n_classes, kmax))                      # vote counts stay ≤ 16M entries
         for s in range(0, q.shape[0], step):
-            qs = q[s:s + step]
-            d2, idx = knn_search(gal, qs, kmax, chunk=chunk, gallery_chunk=gallery_chunk, backend=backend)
-            w = torch.exp((1.0 - d2 / 2.0) / T) if weighted else None     # cos = 1 − ‖a − b‖²/2 on the sphere
-            part = vote_correct(tr_idx[idx], y_idx[s:s + step], n_classes, ks, w)
+            part = vote_correct(tr_idx[idx[s:s + step]], y_idx[s:s + step], n_classes, ks,
+                                None if w is None else w[s:s + step])
             for k in ks:
                 correct[k] += part[k]
         return {k: 100.0 * c / max(1, q.shape[0]) for k, c in correct.items()}
