@@ -171,8 +171,25 @@ def test_save_load_round_trip(tmp_path):
     with pytest.raises(FileNotFoundError, match="kdep-svd"):
         SVDAligner.load(tmp_path / "missing.safetensors")
     # buffers: saved in state_dict, moved by .to()
-    assert set(back.state_dict()) == {"mean", "V", "singular_values"}
+    assert set(back.state_dict()) == {"mean", "V", "singular_values", "channel_var"}
     assert back.double().V.dtype == torch.float64
+    # a placeholder adopts the checkpoint's shapes (rebuilding a run without the statistics file)
+    ph = SVDAligner.empty()
+    ph.load_state_dict(small.state_dict())
+    assert ph.V.shape == (10, 3) and ph.k == 3
+    torch.testing.assert_close(ph.transform(torch.ones(2, 10)), small.transform(torch.ones(2, 10)))
+
+
+def test_channel_variance_and_top_channels():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(400, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1, 3.0, 2.0],
+                                                                             dtype=torch.float64)
+    al_m = SVDAligner.fit(f, k=3)
+    al_s = StreamingPCA().update(f[:150]).update(f[150:]).finalize(k=3)
+    torch.testing.assert_close(al_m.channel_var, f.var(0))
+    torch.testing.assert_close(al_s.channel_var, f.var(0))
+    # stds 1, 5, 0.1, 3, 2 -> by variance: channels 1, 3, 4
+    assert al_s.top_variance_channels().tolist() == [1, 3, 4]
 
 
 def test_reference_npy_reader(tmp_path):

@@ -59,14 +59,17 @@ class SVDAligner(nn.Module):
 
     * ``mean`` (D,) — feature mean mu;
     * ``V`` (D, r) — principal directions as columns, descending, canonical signs;
-    * ``singular_values`` (r_s,) — singular values of the centred matrix, descending (r_s >= r).
+    * ``singular_values`` (r_s,) — singular values of the centred matrix, descending (r_s >= r);
+    * ``channel_var`` (D,) — per-channel variance of the features (NaN when unknown), for the
+      "top-k channels by variance" ablation.
 
     ``k`` is the default number of kept directions for :meth:`transform`; ``n_samples`` (N) and
     ``meta`` (teacher id, transform, ...) describe where the statistics come from.
     """
 
     def __init__(self, mean: Tensor, v: Tensor, singular_values: Optional[Tensor] = None,
-                 n_samples: Optional[int] = None, k: Optional[int] = None, meta: Optional[dict] = None):
+                 n_samples: Optional[int] = None, k: Optional[int] = None, meta: Optional[dict] = None,
+                 channel_var: Optional[Tensor] = None):
         super().__init__()
         if mean.ndim != 1 or v.ndim != 2 or v.shape[0] != mean.shape[0]:
             raise ValueError(f"SVDAligner: expected mean (D,) and V (D, r); got {tuple(mean.shape)} and "
@@ -76,6 +79,9 @@ class SVDAligner(nn.Module):
         self.register_buffer("mean", mean.detach().clone())
         self.register_buffer("V", v.detach().clone())
         self.register_buffer("singular_values", singular_values.detach().clone())
+        if channel_var is None:
+            channel_var = torch.full_like(mean, float("nan"))
+        self.register_buffer("channel_var", channel_var.detach().clone().to(mean.dtype))
         self.n_samples = n_samples
         self.k = v.shape[1] if k is None else int(k)
         if not 0 < self.k <= v.shape[1]:
@@ -106,7 +112,23 @@ class SVDAligner(nn.Module):
         if sign_convention:
             v = canonical_signs(v)
         meta = {"method": "svd", "sign_convention": SIGN_CONVENTION if sign_convention else "none", **meta}
-        return cls(mean, v, s, n_samples=n, k=keep, meta=meta)
+        return cls(mean, v, s, n_samples=n, k=keep, meta=meta, channel_var=f.var(0))
+
+    @classmethod
+    def empty(cls, dim: int = 1, k: int = 1) -> "SVDAligner":
+        """A placeholder of the right kind whose buffers take their shapes from ``load_state_dict``
+        (rebuilding a trained method from its checkpoint without the statistics file)."""
+        return cls(torch.zeros(dim), torch.zeros(dim, k), torch.zeros(k), k=k, meta={"method": "placeholder"})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # buffers adopt the checkpoint's shapes: the statistics define them, not the constructor
+        for name in ("mean", "V", "singular_values", "channel_var"):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(t, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.k = min(self.k, self.num_components) if self.meta.get("method") != "placeholder" \
+            else self.num_components
 
     @classmethod
     def from_reference_npy(cls, v_path: str | Path, mean_path: Optional[str | Path] = None,
@@ -162,6 +184,17 @@ class SVDAligner(nn.Module):
         """Number r of stored principal directions (columns of V)."""
         return int(self.V.shape[1])
 
+    def top_variance_channels(self, k: Optional[int] = None) -> Tensor:
+        """Indices (k,) of the k channels with the largest variance, descending (ties: lower index)."""
+        k = self.k if k is None else int(k)
+        if torch.isnan(self.channel_var).any():
+            raise ValueError("the per-channel variances are unknown for these statistics (reference .npy "
+                             "files hold none); recompute them with 'kdforge kdep-svd'")
+        if not 0 < k <= self.dim:
+            raise ValueError(f"top_variance_channels: k={k} for a {self.dim}-d feature")
+        order = torch.sort(self.channel_var.double(), descending=True, stable=True).indices
+        return order[:k]
+
     def explained_variance(self) -> Tensor:
         """Per-direction variance ``S_i² / (N - 1)`` (r_s,); needs ``n_samples``."""
         if not self.n_samples or self.n_samples < 2:
@@ -182,7 +215,7 @@ class SVDAligner(nn.Module):
             raise ValueError(f"SVD statistics hold {self.num_components} principal directions of a "
                              f"{self.dim}-d teacher feature; k={k} requested (the student's feature width)")
         return SVDAligner(self.mean, self.V[:, :k].contiguous(), self.singular_values, self.n_samples, k,
-                          self.meta)
+                          self.meta, self.channel_var)
 
     # -- I/O ------------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -191,7 +224,7 @@ class SVDAligner(nn.Module):
                 "n_samples": self.n_samples, **self.meta}
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-        """Write ``PATH`` (.safetensors: mean, V, singular_values + metadata) and ``PATH`` .json.
+        """Write ``PATH`` (.safetensors: mean, V, singular_values, channel_var + metadata) and ``PATH`` .json.
 
         Returns the safetensors path. Tensors are stored as ``dtype`` (float32 by default).
         """
@@ -202,7 +235,7 @@ class SVDAligner(nn.Module):
         p.parent.mkdir(parents=True, exist_ok=True)
         meta = self.metadata()
         tensors = {name: getattr(self, name).detach().to("cpu", dtype).contiguous()
-                   for name in ("mean", "V", "singular_values")}
+                   for name in ("mean", "V", "singular_values", "channel_var")}
         save_file(tensors, str(p), metadata={"kdforge_svd": json.dumps(meta, default=str)})
         p.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         return p
@@ -233,7 +266,8 @@ class SVDAligner(nn.Module):
         for key in ("format", "dim", "num_components"):
             meta.pop(key, None)
         obj = cls(tensors["mean"], tensors["V"], tensors["singular_values"], n_samples=n,
-                  k=min(saved_k or tensors["V"].shape[1], tensors["V"].shape[1]), meta=meta)
+                  k=min(saved_k or tensors["V"].shape[1], tensors["V"].shape[1]), meta=meta,
+                  channel_var=tensors.get("channel_var"))
         return obj.truncated(k) if k is not None else obj
 
 
@@ -329,7 +363,8 @@ class StreamingPCA:
             v = canonical_signs(v)
         meta = {"method": "streaming_eigh", "sign_convention": SIGN_CONVENTION if sign_convention else "none",
                 **meta}
-        return SVDAligner(self.mean.cpu(), v, s, n_samples=self.n, k=keep, meta=meta)
+        return SVDAligner(self.mean.cpu(), v, s, n_samples=self.n, k=keep, meta=meta,
+                          channel_var=torch.diagonal(self.m2).cpu() / (self.n - 1))
 
 
 def subspace_distance(a: Tensor, b: Tensor) -> float:
