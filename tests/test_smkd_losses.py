@@ -283,3 +283,36 @@ def test_smkd_loss_counts_batches_without_pairs():
     # without labels the patch term is 0 (phase 1 through the same module), not NaN
     out = loss(s_cls, s_patch, torch.randn(G * B, K), torch.randn(G * B, N, K), masks, 0)
     assert out["patch"].item() == 0.0 and torch.isfinite(out["loss"])
+
+
+def test_smkd_loss_gathers_teacher_targets_across_ranks(monkeypatch):
+    # emulate rank 1 of 2: the fake all_gather puts rank 0's (fixed) tensors before ours
+    import kdforge.engine.distributed as D
+    torch.manual_seed(8)
+    G, L, B, K = 2, 1, 3, 5
+    other_t = torch.randn(B, G, K)                  # rank 0's teacher targets, (image, crop, K) as gathered
+    other_y = torch.tensor([1, 0, 2])
+
+    def fake_gather(t):
+        return torch.cat([other_y if t.dtype == torch.long else other_t, t])
+    monkeypatch.setattr(D, "all_gather_cat", fake_gather)
+    monkeypatch.setattr(D, "get_world_size", lambda: 2)
+    monkeypatch.setattr(D, "get_rank", lambda: 1)
+    loss = SMKDLoss(K, n_global=G, lambda2=0.0, lambda3=0.0, teacher_temp=0.07, warmup_teacher_temp_epochs=0)
+    s_cls = torch.randn((G + L) * B, K)
+    t_cls = torch.randn(G * B, K)
+    y = torch.tensor([0, 1, 1])
+    out = loss(s_cls, torch.randn(G * B, 2, K), t_cls, torch.randn(G * B, 2, K), torch.zeros(G * B, 2, dtype=torch.bool),
+               0, labels=y)
+    t_local = F.softmax(t_cls / 0.07, -1).view(G, B, K)
+    t_all = torch.cat([other_t.transpose(0, 1), t_local], dim=1).reshape(G * 2 * B, K)   # crop, rank, image
+    ref, pairs = smkd_cls_loss(s_cls, t_all, y, G, 0.1, teacher_labels=torch.cat([other_y, y]), student_offset=B)
+    # pairs: student 0 (label 0) with rank-0 image 1; students 1, 2 (label 1) with rank-0 image 0 and each other
+    assert pairs == 1 + 2 + 2 and out["cls_pairs"].item() == pairs
+    assert out["cls"].item() == pytest.approx(ref.item(), rel=1e-6)
+    # compat reference never gathers
+    loss_ref = SMKDLoss(K, n_global=G, lambda2=0.0, lambda3=0.0, teacher_temp=0.07, warmup_teacher_temp_epochs=0,
+                        compat="reference")
+    out = loss_ref(s_cls, torch.randn(G * B, 2, K), t_cls, torch.randn(G * B, 2, K),
+                   torch.zeros(G * B, 2, dtype=torch.bool), 0, labels=y)
+    assert out["cls_pairs"].item() == 2
