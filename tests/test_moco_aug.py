@@ -84,3 +84,16 @@ def test_blur_draws_sigma_from_python_random():
     assert blur(img).size == (8, 8)
     with pytest.raises(ValueError):
         PILGaussianBlur((2.0, 1.0))
+
+
+def test_fused_to_normalized_tensor_matches_torchvision():
+    from kdforge.data.ssl_transforms import ToNormalizedTensor
+    arr = (torch.rand(5, 7, 3) * 255).to(torch.uint8).numpy()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ref = T.Normalize(mean, std)(T.ToTensor()(Image.fromarray(arr)))
+    assert torch.allclose(ToNormalizedTensor(mean, std)(Image.fromarray(arr)), ref, atol=1e-6)
+    grey = Image.fromarray(arr[..., 0])
+    assert torch.allclose(ToNormalizedTensor((0.5,), (0.5,))(grey), T.Normalize((0.5,), (0.5,))(T.ToTensor()(grey)),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        ToNormalizedTensor((0.5,), (0.5,))(Image.fromarray(arr))

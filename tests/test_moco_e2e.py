@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdforge.cli import main
-from kdforge.config import load_config
+from kdforge.config import ConfigError, load_config
 from kdforge.engine.checkpoint import load_checkpoint
 from kdforge.engine.trainer import build_method, evaluate_run
 from kdforge.models.checkpoint import load_state_dict_checked
@@ -125,3 +125,25 @@ def test_seed_from_supervised_teacher_then_moco_warm_start(small_digits, tmp_pat
         assert torch.equal(v, src["student." + k]) and torch.equal(m.key_backbone.state_dict()[k], v)
     rep = json.loads((tmp_path / "w" / "init_from.json").read_text())
     assert rep["source_method"] == "seed" and "discarded" in rep["queue"]
+
+
+def test_seed_with_moco_teacher_uses_its_projection_head(moco_run, small_digits, tmp_path):
+    cfg = load_config("configs/seed/digits_cpu.yaml",
+                      _args(small_digits, tmp_path / "s", "seed", **{"teacher.checkpoint": moco_run}))
+    m = build_method(cfg, 10)
+    src = load_checkpoint(moco_run, "best")["model"]
+    assert m.queue.keys.shape == (64, 128) and m.head.out_dim == 128          # teacher's 128-d MoCo embedding
+    assert torch.equal(m.teacher.head[0].weight, src["head.0.weight"])         # wide head of the teacher run
+    assert not any(k.startswith("teacher") for k in m.state_dict())
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(
+            m.teacher.backbone(x), src["head.0.weight"], src["head.0.bias"])), src["head.2.weight"], src["head.2.bias"])
+        assert torch.allclose(m.teacher(x), ref, atol=1e-5)
+    m.train()
+    out = m.training_step((x, torch.zeros(4)), 0)
+    assert torch.isfinite(out["loss"]) and m.teacher.training is False
+    bad = load_config("configs/seed/digits_cpu.yaml", _args(small_digits, tmp_path / "b", "seed", **{
+        "method.teacher_embedding": "head", "teacher.checkpoint": "null", "teacher.name": "kdf_resnet_narrow"}))
+    with pytest.raises(ConfigError, match="teacher_embedding: 'head' needs teacher.checkpoint"):
+        build_method(bad, 10)

@@ -7,7 +7,7 @@ Self-Supervised Contrastive Models without Distillation Signals" (AAAI 2022),
     RandomResizedCrop(size, scale=(0.2, 1))
     → RandomApply(ColorJitter(0.8·cj, 0.8·cj, 0.8·cj, min(0.5, 0.4·cj)), p=0.8)
     → RandomGrayscale(p=grey) → RandomApply(GaussianBlur(σ ~ U[0.1, 2]), p=blur)
-    → RandomHorizontalFlip(p=flip) → ToTensor → Normalize(mean, std)
+    → RandomHorizontalFlip(p=flip) → ToTensor + Normalize(mean, std) (fused: ToNormalizedTensor)
 
 Presets: ``improved`` (cj 1.0 → jitter (0.8, 0.8, 0.8, 0.4), grey 0.5, blur 0.5, the paper) and
 ``mocov2`` (jitter (0.4, 0.4, 0.4, 0.1), grey 0.2, blur 0.5). Each view draws its randomness from
@@ -19,6 +19,8 @@ from __future__ import annotations
 import random
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
@@ -56,6 +58,26 @@ class PILGaussianBlur:
         return f"PILGaussianBlur(sigma={self.sigma})"
 
 
+class ToNormalizedTensor:
+    """PIL image -> float tensor (C, H, W): ``(pixel / 255 − mean) / std`` — ``ToTensor`` followed by
+    ``Normalize`` in one cheap step (the pair costs ~0.6 ms per small image in torchvision's checks)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor([float(m) for m in mean]).view(-1, 1, 1)
+        self.std = torch.tensor([float(v) for v in std]).view(-1, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        a = np.asarray(img, dtype=np.uint8)
+        t = torch.from_numpy(a.copy())
+        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+        if t.shape[0] != self.mean.shape[0]:
+            raise ValueError(f"image has {t.shape[0]} channels but mean/std have {self.mean.shape[0]}")
+        return (t.float().div_(255.0) - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"ToNormalizedTensor(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
 def moco_view_transform(img_size: int = 224, cj: Optional[float] = 1.0,
                         jitter: Optional[Sequence[float]] = None, jitter_p: float = 0.8, grey_p: float = 0.5,
                         blur_p: float = 0.5, blur_sigma: Sequence[float] = (0.1, 2.0),
@@ -82,7 +104,7 @@ def moco_view_transform(img_size: int = 224, cj: Optional[float] = 1.0,
         ops.append(T.RandomApply([PILGaussianBlur(blur_sigma)], p=blur_p))
     if flip_p > 0:
         ops.append(T.RandomHorizontalFlip(p=flip_p))
-    ops += [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
+    ops.append(ToNormalizedTensor(mean, std))
     return T.Compose(ops)
 
 

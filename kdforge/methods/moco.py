@@ -160,6 +160,10 @@ class MoCo(Method):
         self.feat_dim = backbone_out_dim(self.student, in_chans, img_size)
         self.head = MoCoHead(self.feat_dim, a.dim, a.head)
         if a.bn == "sync" and D.is_dist() and D.get_world_size() > 1:
+            dev = cfg.train.device if cfg is not None else "auto"
+            if dev in ("cpu", "mps") or (dev == "auto" and not torch.cuda.is_available()):
+                raise ConfigError("method.bn: 'sync' (SyncBatchNorm) needs CUDA devices in a distributed run; "
+                                  "use method.bn=shuffle on CPU")
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         self.key_backbone = copy.deepcopy(self.student)
         self.key_head = copy.deepcopy(self.head)
