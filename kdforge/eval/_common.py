@@ -1,6 +1,7 @@
 """Small helpers shared by the evaluation modules (not public API)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -49,3 +50,23 @@ def labels_to_index(labels: Tensor) -> tuple[Tensor, Tensor]:
     labels = torch.as_tensor(labels).long().flatten()
     classes, index = torch.unique(labels, sorted=True, return_inverse=True)
     return classes, index
+
+
+@contextlib.contextmanager
+def single_thread(t: Tensor):
+    """Run many small CPU tensor ops on one intra-op thread, then restore the thread count.
+
+    Loops of tiny ops (batched Newton/CG steps, SGD steps on (B, W, m) tensors, vote updates) gain
+    nothing from intra-op threads and lose up to 10x when a core is shared (OpenMP barriers spin).
+    No effect for tensors on an accelerator. The thread count is process-global: do not run other
+    heavy torch work from another Python thread meanwhile.
+    """
+    n = torch.get_num_threads()
+    if t.device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdforge.eval._common import as_float, block_generator, l2_normalize, labels_to_index, mean_ci95
+from kdforge.eval._common import (as_float, block_generator, l2_normalize, labels_to_index, mean_ci95,
+                                  single_thread)
 from kdforge.eval.logreg import fit_logistic_gram
 
 CLASSIFIERS = ("prototype", "logistic", "cosine_classifier")
@@ -245,6 +246,13 @@ def fit_cosine_classifier(x: Tensor, y: Tensor, n_way: int, generators: list, ep
     Returns:
         (B, W, D) scorer weights ``scale · g_w · v̂_w`` (apply to normalised queries; no bias).
     """
+    with single_thread(x):
+        return _fit_cosine_classifier(x, y, n_way, generators, epochs, batch_size, lr, momentum, dampening,
+                                      weight_decay, scale)
+
+
+def _fit_cosine_classifier(x, y, n_way, generators, epochs, batch_size, lr, momentum, dampening, weight_decay,
+                           scale) -> Tensor:
     B, n, D = x.shape
     dev, dt = x.device, x.dtype
     sizes = [min(_FIT_BLOCK, B - s) for s in range(0, B, _FIT_BLOCK)]

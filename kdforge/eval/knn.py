@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from kdforge.eval._common import as_float, l2_normalize
+from kdforge.eval._common import as_float, l2_normalize, single_thread
 
 REP_SPACES = ("original", "norm", "shift-norm")
 
@@ -190,6 +190,11 @@ def vote_correct(neighbor_labels: Tensor, test_labels: Tensor, n_classes: int, k
     neighbour only changes its own class's count, so the running winner changes only to that class
     (when its count exceeds the winner's, or equals it with a smaller index).
     """
+    with single_thread(neighbor_labels):
+        return _vote_correct(neighbor_labels, test_labels, n_classes, ks, weights)
+
+
+def _vote_correct(neighbor_labels, test_labels, n_classes, ks, weights) -> dict:
     M, K = neighbor_labels.shape
     dev = neighbor_labels.device
     ks = sorted(set(int(k) for k in ks))

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdforge.eval._common import single_thread
+
 
 def _sum2(a: Tensor) -> Tensor:
     return a.flatten(1).sum(1)
@@ -60,8 +62,15 @@ def fit_logistic_gram(G: Tensor, y: Tensor, n_classes: int, C: float = 1.0, max_
 
     Returns:
         (alpha, b): (B, n, K) float64 coordinates, so that ``W = alphaᵀ X`` (B, K, D), and (B, K)
-        centred float64 intercepts.
+        centred float64 intercepts. Runs its many small ops on one CPU thread (see
+        :func:`kdforge.eval._common.single_thread`).
     """
+    with single_thread(G):
+        return _fit_logistic_gram(G, y, n_classes, C, max_iter, tol, cg_iter)
+
+
+def _fit_logistic_gram(G: Tensor, y: Tensor, n_classes: int, C: float, max_iter: int, tol: float,
+                       cg_iter: int) -> tuple[Tensor, Tensor]:
     if G.ndim != 3 or G.shape[1] != G.shape[2] or y.shape != G.shape[:2]:
         raise ValueError(f"G must be (B, n, n) and y (B, n); got {tuple(G.shape)} and {tuple(y.shape)}")
     G = G.double()
