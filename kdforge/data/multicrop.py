@@ -45,19 +45,23 @@ class Solarize:
 def dino_crop(size: int, scale: Sequence[float], blur_p: float, solarize_p: float = 0.0,
               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
               jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1), jitter_p: float = 0.8, grey_p: float = 0.2,
-              flip_p: float = 0.5) -> Callable:
-    """One DINO crop (see the module doc): PIL image -> normalised tensor (C, size, size)."""
+              flip_p: float = 0.5, blur_sigma: Sequence[float] = (0.1, 2.0)) -> Callable:
+    """One DINO crop (see the module doc): PIL image -> normalised tensor (C, size, size). ``jitter`` =
+    ColorJitter (brightness, contrast, saturation, hue), zeros skip a factor; ``blur_sigma`` = the PIL blur
+    radius range in pixels."""
     if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"crop scale: expected (lo, hi) with 0 < lo <= hi <= 1, got {tuple(scale)}")
     ops: list = [T.RandomResizedCrop(size, scale=(float(scale[0]), float(scale[1])),
                                      interpolation=T.InterpolationMode.BICUBIC),
-                 T.RandomHorizontalFlip(p=flip_p),
-                 T.RandomApply([T.ColorJitter(*[float(j) for j in jitter])], p=jitter_p),
-                 T.RandomGrayscale(p=grey_p)]
+                 T.RandomHorizontalFlip(p=flip_p)]
+    if any(float(j) > 0 for j in jitter) and jitter_p > 0:
+        ops.append(T.RandomApply([T.ColorJitter(*[float(j) for j in jitter])], p=jitter_p))
+    if grey_p > 0:
+        ops.append(T.RandomGrayscale(p=grey_p))
     if blur_p >= 1.0:
-        ops.append(PILGaussianBlur((0.1, 2.0)))
+        ops.append(PILGaussianBlur(blur_sigma))
     elif blur_p > 0:
-        ops.append(T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=blur_p))
+        ops.append(T.RandomApply([PILGaussianBlur(blur_sigma)], p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomApply([Solarize(128)], p=solarize_p))
     ops += [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
@@ -69,14 +73,16 @@ class MultiCrop:
 
     def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 10,
                  global_scale: Sequence[float] = (0.25, 1.0), local_scale: Sequence[float] = (0.05, 0.25),
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1), blur_sigma: Sequence[float] = (0.1, 2.0)):
         if n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {n_local}")
         self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
         self.n_global = 2
-        self.global1 = dino_crop(global_size, global_scale, blur_p=1.0, mean=mean, std=std)
-        self.global2 = dino_crop(global_size, global_scale, blur_p=0.1, solarize_p=0.2, mean=mean, std=std)
-        self.local = dino_crop(local_size, local_scale, blur_p=0.5, mean=mean, std=std)
+        kw = dict(mean=mean, std=std, jitter=jitter, blur_sigma=blur_sigma)
+        self.global1 = dino_crop(global_size, global_scale, blur_p=1.0, **kw)
+        self.global2 = dino_crop(global_size, global_scale, blur_p=0.1, solarize_p=0.2, **kw)
+        self.local = dino_crop(local_size, local_scale, blur_p=0.5, **kw)
 
     def __call__(self, img):
         return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]

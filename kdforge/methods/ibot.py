@@ -59,6 +59,8 @@ class IBOTConfig:
     n_local: int = 10
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)   # brightness, contrast, saturation, hue
+    blur_sigma: tuple[float, float] = (0.1, 2.0)                              # PIL blur radius range (px)
     patch_size: Optional[int] = None          # None: from model.kwargs.patch_size or the name (…patch16…)
     # masks
     mask_ratio: list[float] = field(default_factory=lambda: [0.0, 0.3])
@@ -204,7 +206,8 @@ class IBOT(Method):
         from kdforge.data.multicrop import MaskedMultiCrop, MultiCrop
         a = cfg.method_args()
         gsize = a.global_size or cfg.data.img_size
-        mc = MultiCrop(gsize, a.local_size, a.n_local, a.global_scale, a.local_scale, cfg.data.mean, cfg.data.std)
+        mc = MultiCrop(gsize, a.local_size, a.n_local, a.global_scale, a.local_scale, cfg.data.mean, cfg.data.std,
+                       a.color_jitter, a.blur_sigma)
         patch = infer_patch_size(cfg)
         if a.local_size % patch:
             raise ConfigError(f"method.local_size: {a.local_size} is not a multiple of the patch size {patch}")
