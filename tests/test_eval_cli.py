@@ -11,8 +11,8 @@ from kdforge.cli import main
 def run_dir(tmp_path_factory, digits_root):
     out = tmp_path_factory.mktemp("evalcli") / "cnn"
     args = ["train", "configs/supervised/digits_cpu.yaml", f"data.root={digits_root}", f"out={out}",
-            "data.img_size=16", "data.batch_size=64", "train.epochs=1", "train.progress=false", "train.device=cpu",
-            "model.name=kdf_resnet_narrow"]
+            "data.img_size=16", "data.batch_size=64", "train.epochs=1", "train.max_steps=3", "train.progress=false",
+            "train.device=cpu", "model.name=kdf_resnet_narrow"]
     assert main(args) == 0
     return out
 

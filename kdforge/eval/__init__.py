@@ -2,8 +2,11 @@
 retrieval, alignment/uniformity, t-SNE (specs: methods/smkd.md §3, methods/sslsmall.md §2).
 
 Every function takes tensors and follows their device; accuracies are percentages in [0, 100] and
-95% intervals are 1.96·std/√E with the population std.
+95% intervals are 1.96·std/√E with the population std. Feature extraction and its cache live in
+:mod:`kdforge.eval.features`; transfer through the trainer in :mod:`kdforge.eval.transfer` (imported
+on demand: it registers the ``linear_transfer`` method).
 """
+from kdforge.eval.features import TAPS, cached_features, extract_features, load_backbone, tap_features
 from kdforge.eval.fewshot import EpisodeResult, evaluate_episodes, fit_cosine_classifier, sample_episodes
 from kdforge.eval.geometry import alignment, class_alignment, uniformity
 from kdforge.eval.instdisc import instdisc_topk
@@ -18,4 +21,5 @@ __all__ = [
     "alignment", "uniformity", "class_alignment", "instdisc_topk",
     "linear_probe", "LinearProbeResult", "LINEAR_PROTOCOL",
     "tsne_plot", "tsne_embed",
+    "extract_features", "cached_features", "load_backbone", "tap_features", "TAPS",
 ]
