@@ -324,14 +324,18 @@ def _correct_classblock(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Te
     correct = torch.zeros(e, dtype=torch.long, device=fhat.device)
     qpos = pos[queries]                                                     # (e, W, Q) position in class
     for c in torch.unique(ep_cls).tolist():
-        ek, wk = (ep_cls == c).nonzero(as_tuple=True)                       # each episode holds c once
+        ek_all, wk_all = (ep_cls == c).nonzero(as_tuple=True)               # each episode holds c once
         rows = table[c, :counts[c]]
-        sc = fhat[rows] @ w[ek].reshape(-1, w.shape[-1]).T                  # (n_c, K·W)
-        sc = sc.view(rows.numel(), ek.numel(), W)
-        if b is not None:
-            sc = sc + b[ek][None]
-        ok = (sc.argmax(-1) == wk[None, :]).T                               # (K, n_c)
-        correct.index_add_(0, ek, ok.gather(1, qpos[ek, wk]).sum(1))
+        xc = fhat[rows]
+        step = max(1, _BUF_FLOATS // max(1, rows.numel() * W))             # score block ≤ _BUF_FLOATS floats
+        for s in range(0, ek_all.numel(), step):
+            ek, wk = ek_all[s:s + step], wk_all[s:s + step]
+            sc = xc @ w[ek].reshape(-1, w.shape[-1]).T                      # (n_c, K·W)
+            sc = sc.view(rows.numel(), ek.numel(), W)
+            if b is not None:
+                sc = sc + b[ek][None]
+            ok = (sc.argmax(-1) == wk[None, :]).T                           # (K, n_c)
+            correct.index_add_(0, ek, ok.gather(1, qpos[ek, wk]).sum(1))
     return correct
 
 
