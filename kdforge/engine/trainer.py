@@ -160,7 +160,8 @@ def build_optimizer(cfg: Config, method, global_batch: int) -> torch.optim.Optim
         g.setdefault("weight_decay", o.weight_decay)
         g["base_wd"] = g["weight_decay"]
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=base_lr, momentum=o.momentum, nesterov=o.nesterov,
+        # Nesterov needs momentum: with momentum 0 it is plain SGD (torch would refuse the combination)
+        return torch.optim.SGD(groups, lr=base_lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
                                weight_decay=o.weight_decay)
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=base_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -278,7 +279,17 @@ def train(cfg: Config) -> RunResult:
     if cfg.resume and last_path.exists():
         ck = load_checkpoint(run_dir, "last", map_location=device)
         method.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
+        saved_opt = ((ck.get("config") or {}).get("optim") or {}).get("name", cfg.optim.name)
+        if saved_opt != cfg.optim.name:
+            logger.text(f"resume: optim.name changed from {saved_opt!r} to {cfg.optim.name!r}; the optimizer "
+                        "state (momentum / moments) is not restored")
+        else:
+            # the state (moments, buffers) comes from the checkpoint; hyper-parameters from the config,
+            # so that e.g. `resume=true optim.lr=...` takes effect (identical when the config is unchanged)
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            optimizer.load_state_dict(ck["optimizer"])
+            for g, h in zip(optimizer.param_groups, fresh):
+                g.update(h)
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"])
@@ -306,6 +317,7 @@ def train(cfg: Config) -> RunResult:
     metrics: dict[str, float] = {}
     t_start = time.time()
     stopped = False
+    loss = None  # the last step's loss (None when a resumed epoch had no batches left)
     logger.text(f"training {cfg.method_name}: {cfg.model.name} ({n_params / 1e6:.2f} M params) on {device}, "
                 f"{world} process(es), {len(train_ds)} images, {steps_per_epoch} steps/epoch x {tc.epochs} epochs")
     from tqdm.auto import tqdm
@@ -317,8 +329,6 @@ def train(cfg: Config) -> RunResult:
             skip = start_batch if epoch == start_epoch else 0
             if skip:
                 sampler.skip(skip)
-            if skip >= steps_per_epoch:
-                pass
             model.train()
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{tc.epochs}",
                        disable=not (main and tc.progress), leave=False, dynamic_ncols=True)
@@ -403,7 +413,8 @@ def train(cfg: Config) -> RunResult:
             if improved and main:
                 checkpoint(best_path, epoch + 1, 0)
             mtxt = " ".join(f"{k} {v:.2f}" for k, v in metrics.items()) if do_val else ""
-            logger.text(f"epoch {epoch + 1}/{tc.epochs} step {step} loss {float(loss.detach()):.4f} {mtxt}"
+            ltxt = "n/a" if loss is None else f"{float(loss.detach()):.4f}"
+            logger.text(f"epoch {epoch + 1}/{tc.epochs} step {step} loss {ltxt} {mtxt}"
                         + (f" (best {best_key} {best:.2f})" if best is not None else ""))
     seconds = time.time() - t_start
     if main:
