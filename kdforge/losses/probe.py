@@ -1,6 +1,7 @@
 """Attention Probe distillation losses (ICASSP 2022) and DFND's noise adaptation (CVPR 2021).
 
 * :func:`probe_loss` — MSE between teacher and student CLS→patch similarity rows of block features.
+* :func:`robust_kd_kl` / :func:`class_weights_from_mass` — the optional class-weighted ("robust") KD.
 * :func:`noise_adaptation_matrix` / :class:`NoiseAdaptation` — the learned label-noise transition
   matrix of DFND ("Learning Student Networks in the Wild"), trained on the teacher's hard labels.
 """
@@ -131,3 +132,33 @@ class NoiseAdaptation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, teacher_acc={self.teacher_acc}"
+
+
+def class_weights_from_mass(mass: Tensor, eps: float = 1e-12) -> Tensor:
+    """Attention Probe's robust-KD class weights ``w_c = (1/S_c) / Σ_j (1/S_j) · K``.
+
+    ``S_c`` is the teacher's soft class mass (Σ over images of ``softmax(z_t)_c``), so rarely
+    predicted classes get large weights; the weights sum to K. (K,) -> (K,) float32.
+    Golden: S = [2, 1, 1] -> [0.6, 1.2, 1.2].
+    """
+    inv = 1.0 / mass.float().clamp_min(eps)
+    return inv / inv.sum() * mass.shape[0]
+
+
+def robust_kd_kl(student_logits: Tensor, teacher_logits: Tensor, class_weights: Tensor,
+                 temperature: float = 4.0) -> Tensor:
+    """Class-weighted KD (``robust_kdloss``): ``T² · (1/B) Σ_b w[ŷ_b] · KL(softmax(t_b/T) ‖ softmax(s_b/T))``.
+
+    ``ŷ_b = argmax t_b`` is the teacher's prediction; ``class_weights`` (K,). With all weights 1
+    this equals :func:`kdforge.losses.kd_kl`. Logits (B, K) -> 0-d float32. (The reference keeps
+    an unseeded randomly perturbed copy of the weights; the weights are used as given here.)
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"robust_kd_kl: student logits {tuple(student_logits.shape)} vs teacher "
+                         f"{tuple(teacher_logits.shape)}")
+    T = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)                              # (B,)
+    w = class_weights.to(kl.device, kl.dtype)[teacher_logits.argmax(-1)]
+    return (w * kl).mean() * (T * T)

@@ -12,11 +12,12 @@ Pure functions: :func:`confidence_scores`, :func:`attention_probe_scores`, :func
 """
 from kdforge.selection.scores import HEAD_MODES, attention_probe_scores, combined_scores, confidence_scores
 from kdforge.selection.select import MODES, balanced_quotas, select, selection_value
-from kdforge.selection.selection_file import SelectionDataset, read_selection, selection_indices, write_selection
+from kdforge.selection.selection_file import (SelectionDataset, materialize_selection, read_selection,
+                                              selection_indices, write_selection)
 from kdforge.selection.store import ScoreTable, load_scores, read_meta, teacher_fingerprint, write_scores
 from kdforge.selection.scoring import score_batch, score_pool
 
 __all__ = ["confidence_scores", "attention_probe_scores", "combined_scores", "select", "selection_value",
            "balanced_quotas", "MODES", "HEAD_MODES", "score_pool", "score_batch", "ScoreTable", "load_scores",
            "read_meta", "write_scores", "teacher_fingerprint", "write_selection", "read_selection",
-           "selection_indices", "SelectionDataset"]
+           "selection_indices", "SelectionDataset", "materialize_selection"]

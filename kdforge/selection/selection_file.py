@@ -6,6 +6,10 @@
 * ``path`` with suffix ``.json``: provenance (score folder, teacher hash, mode, n, weights, seed,
   class balance), the pool indices and the teacher's predictions of the selected images.
 
+:func:`materialize_selection` makes a flat folder view of it (``<rank>_<name>`` symbolic links, or
+copies) that any folder-reading code, such as the trainer's ``data.train_split``, reads as an
+unlabeled image folder.
+
 :class:`SelectionDataset` reads either file back as an image dataset (items ``(image, -1)``, or
 ``(image, teacher prediction)`` with ``labels="teacher"``).
 """
@@ -47,6 +51,32 @@ def write_selection(path: str | Path, table: ScoreTable, indices: Tensor, **info
             "indices": idx, "predictions": preds}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
     return path
+
+
+def materialize_selection(path: str | Path, dest: Optional[str | Path] = None, how: str = "symlink") -> Path:
+    """Folder view of a selection: ``dest/<rank:07d>_<file name>`` for every selected image.
+
+    ``how``: ``symlink`` (default, cheap even for 650k images) or ``copy``. ``dest`` defaults to
+    the selection path without suffix (``OUT/combined_650000/``). An existing view is replaced.
+    Returns ``dest``."""
+    import os
+    import shutil
+    if how not in ("symlink", "copy"):
+        raise ValueError(f"materialize_selection: how must be 'symlink' or 'copy', got {how!r}")
+    files, _ = read_selection(path)
+    dest = Path(dest) if dest is not None else Path(path).with_suffix("")
+    if dest.is_dir():
+        for old in dest.iterdir():
+            if old.is_symlink() or old.is_file():
+                old.unlink()
+    dest.mkdir(parents=True, exist_ok=True)
+    for rank, f in enumerate(files):
+        link = dest / f"{rank:07d}_{Path(f).name}"
+        if how == "symlink":
+            os.symlink(os.path.abspath(f), link)
+        else:
+            shutil.copyfile(f, link)
+    return dest
 
 
 def read_selection(path: str | Path) -> tuple[list[str], dict]:
