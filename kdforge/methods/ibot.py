@@ -161,6 +161,8 @@ class IBOT(Method):
     student_head = False
     unlabeled_ok = True
     best_metric = "val/fewshot"
+    #: few-shot validation: the val split holds its own (novel) classes, not the training classes
+    val_same_classes = False
     #: the sub-module evaluated and exported (SMKD evaluates the EMA teacher), for ``load_model_from_run``
     export_module = "teacher_backbone"
     loss_cls = IBOTLoss
@@ -370,14 +372,17 @@ class IBOT(Method):
 
 @torch.no_grad()
 def evaluate_fewshot_run(run, split: str = "test", which: str = "best", data_root: Optional[str] = None,
-                         device: str = "auto", **overrides) -> dict[str, float]:
+                         device: str = "auto", img_size: Optional[int] = None, crop_pct: Optional[float] = None,
+                         **overrides) -> dict[str, float]:
     """Few-shot episodes of a saved ``ibot`` / ``smkd`` run on ``ROOT/<split>`` (the split's own, novel
     classes), with the run's feature (teacher CLS ⊕ attention-weighted patch mean by default).
 
     ``overrides`` replace the method's few-shot settings for this evaluation: ``fewshot_ways``,
     ``fewshot_shots``, ``fewshot_queries``, ``fewshot_episodes``, ``fewshot_classifier``, ``fewshot_seed``,
-    ``eval_model`` (teacher | student), ``eval_feature`` (cls_wpatch | cls). Falls back to ``last.pt`` when
-    the run has no ``best.pt``. Returns ``{"<split>/<W>way_<K>shot": acc, ..._ci95, "<split>/fewshot"}``.
+    ``eval_model`` (teacher | student), ``eval_feature`` (cls_wpatch | cls). ``img_size`` / ``crop_pct``
+    replace the run's evaluation transform (resize the short side to img_size / crop_pct, centre-crop
+    img_size; SMKD's miniImageNet/tieredImageNet test protocol is 320 / 0.8889, i.e. 360 -> 320). Falls
+    back to ``last.pt`` when the run has no ``best.pt``. Returns ``{"<split>/<W>way_<K>shot": acc, ..._ci95, "<split>/fewshot"}``.
     """
     import dataclasses
     from pathlib import Path
@@ -411,7 +416,9 @@ def evaluate_fewshot_run(run, split: str = "test", which: str = "best", data_roo
     method.to(dev)
     root = Path(data_root or cfg.data.root)
     mode = "RGB" if cfg.data.in_chans == 3 else "L"
-    ds = ImageFolderDataset(root / split, build_eval_transform(cfg.data), "skip", mode)
+    data_cfg = dataclasses.replace(cfg.data, img_size=img_size or cfg.data.img_size,
+                                   eval_crop_pct=crop_pct or cfg.data.eval_crop_pct)
+    ds = ImageFolderDataset(root / split, build_eval_transform(data_cfg), "skip", mode)
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     feats, labels = method.extract(loader, dev, amp_context(dev, cfg.train.amp))
     return method.fewshot_metrics(feats, labels, prefix=split)
