@@ -159,3 +159,24 @@ def test_subset_is_deterministic_per_class(tmp_path):
     assert choose_subset(files, None, 0, "a", fraction=0.25) == choose_subset(files, 2, 0, "a")   # round(2.5)=2
     with pytest.raises(FileExistsError):
         make_subset(src, tmp_path / "o1", per_class=4, seed=0)
+
+
+def test_presets_carry_the_reference_recipe(tmp_path):
+    svd = tmp_path / "s.safetensors"
+    svd.write_bytes(b"")
+    common = ["data.require_root=false", "teacher.weights=null", f"method.svd={svd}"]
+    r18 = load_config("configs/kdep/in1k10pct_resnet18_from_resnet50.yaml", common)
+    mnv2 = load_config("configs/kdep/in1k10pct_mobilenetv2_from_resnet50.yaml", common)
+    for cfg, lr, model in ((r18, 0.3, "torchvision/resnet18"), (mnv2, 0.1, "torchvision/mobilenet_v2")):
+        assert cfg.method_name == "kdep" and cfg.model.name == model and cfg.teacher.name == "torchvision/resnet50"
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.ref_batch, cfg.optim.momentum, cfg.optim.weight_decay,
+                cfg.optim.nesterov) == ("sgd", lr, 512, 0.9, 5e-4, False)
+        assert (cfg.sched.name, cfg.sched.milestones, cfg.sched.gamma, cfg.train.epochs) == ("step", [30, 60], 0.1, 90)
+        a = cfg.method_args()
+        assert (a.alignment, a.pts, a.pts_temperature, a.pts_power, a.loss_weight, a.k) == \
+            ("svd", True, 0.1, 3.0, 3.0, None)
+    tr = load_config("configs/kdep/transfer_cifar100_resnet18.yaml", ["data.require_root=false", "init_from=null"])
+    assert (tr.optim.lr, tr.data.batch_size, tr.train.epochs, tr.sched.milestones) == (1e-3, 64, 150, [50, 100])
+    cpu = load_config("configs/kdep/digits_cpu.yaml", ["data.require_root=false", "teacher.checkpoint=null",
+                                                       f"method.svd={svd}"])
+    assert cpu.model.name == "kdf_resnet_narrow" and cpu.train.device == "cpu"
