@@ -188,6 +188,10 @@ class DataConfig:
     on_corrupt: Literal["skip", "fail"] = "skip"
     drop_last: bool = True
     require_root: bool = True
+    #: > 0: ignore ``root`` and train/validate on this many random, already-normalised images of
+    #: ``synthetic_classes`` classes (benchmarks and hardware smoke tests; nothing is read from disk)
+    synthetic: int = 0
+    synthetic_classes: int = 10
 
     def validate(self, prefix: str = "data") -> None:
         require(self.batch_size > 0, _k(prefix, "batch_size"), "a positive integer", self.batch_size)
@@ -199,6 +203,9 @@ class DataConfig:
         require(len(self.mean) == self.in_chans, _k(prefix, "mean"), f"{self.in_chans} values (one per channel)",
                 list(self.mean))
         require(0 < self.eval_crop_pct <= 1, _k(prefix, "eval_crop_pct"), "a number in (0, 1]", self.eval_crop_pct)
+        require(self.synthetic >= 0, _k(prefix, "synthetic"), "an integer >= 0 (0: real data)", self.synthetic)
+        require(self.synthetic_classes > 0, _k(prefix, "synthetic_classes"), "a positive integer",
+                self.synthetic_classes)
 
 
 @dataclass
@@ -320,7 +327,7 @@ class Config:
             raise ConfigError("method.name: expected a method name, e.g. method: {name: kd}")
         from kdforge.methods import method_config  # late import: methods import config
         method_config(self.method)  # raises ConfigError on bad method keys
-        if self.data.require_root:
+        if self.data.require_root and not self.data.synthetic:
             root = Path(self.data.root)
             require(bool(self.data.root), "data.root", "a dataset folder", self.data.root)
             if not root.is_dir():

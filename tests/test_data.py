@@ -99,3 +99,21 @@ def test_rank_shards_union_to_the_single_process_batches():
     assert list(one) != b1
     with pytest.raises(ValueError, match="fewer than one global batch"):
         EpochBatchSampler(5, 8)
+
+
+def test_synthetic_data_needs_no_root_and_trains(tmp_path):
+    from kdforge.config import ConfigError, load_config
+    from kdforge.data.datasets import SyntheticDataset
+    from kdforge.engine.trainer import train
+    ds = SyntheticDataset(10, 3, 8, in_chans=1, bank=4)
+    x0, y0 = ds[0]
+    assert x0.shape == (1, 8, 8) and [ds[i][1] for i in range(5)] == [0, 1, 2, 0, 1]
+    assert torch.equal(ds[4][0], x0) and not torch.equal(ds[1][0], x0)   # bank of 4, cycled
+    assert torch.equal(SyntheticDataset(10, 3, 8, in_chans=1, bank=4)[2][0], ds[2][0])  # seeded
+    with pytest.raises(ConfigError, match="data.synthetic"):
+        load_config(data={"method": {"name": "supervised"}, "data": {"synthetic": -1}})
+    cfg = load_config(data={"method": {"name": "supervised"}, "model": {"name": "kdf_resnet_narrow"},
+                            "data": {"synthetic": 64, "synthetic_classes": 4, "img_size": 16, "batch_size": 16},
+                            "train": {"epochs": 1, "device": "cpu", "progress": False}, "out": str(tmp_path / "r")})
+    res = train(cfg)
+    assert res.step == 4 and "val/acc1" in res.metrics   # 64 / 16 steps; a synthetic val split of 16 images

@@ -160,3 +160,30 @@ class UnlabeledFolder(ImageListDataset):
             raise FileNotFoundError(f"image folder {str(root)!r} holds no images")
         super().__init__([(f, -1) for f in files], [], transform, on_corrupt, mode)
         self.root = str(root)
+
+
+class SyntheticDataset(Dataset):
+    """``n`` random images ``(C, S, S)`` ~ N(0, 1) (already "normalised") with labels ``i mod K``.
+
+    For benchmarks and hardware checks: no disk, no decoding. Item ``i`` is the bank image
+    ``i mod bank`` (a bank of ``bank`` images is drawn once from ``seed``), so fetching costs one
+    index and the collate copy, like a warm page-cached image pipeline without its decode.
+    Interface of :class:`ImageListDataset` (``classes``, ``corrupt_count``, ``set_seed``).
+    """
+
+    def __init__(self, n: int, num_classes: int, img_size: int, in_chans: int = 3, seed: int = 0,
+                 bank: int = 64):
+        g = torch.Generator().manual_seed(seed)
+        self.n = int(n)
+        self.images = torch.randn(min(bank, self.n), in_chans, img_size, img_size, generator=g)
+        self.classes = [f"class_{c}" for c in range(num_classes)]
+        self.corrupt_count = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_seed(self, seed, epoch: int = 0) -> None:  # the images do not depend on the epoch
+        pass
+
+    def __getitem__(self, index: int):
+        return self.images[index % len(self.images)], index % len(self.classes)

@@ -90,6 +90,11 @@ def build_datasets(cfg: Config, method_cls) -> tuple[Any, Any]:
     """-> (train dataset, val dataset or None)."""
     from kdforge.data.datasets import ImageFolderDataset, UnlabeledFolder
     from kdforge.data.transforms import build_eval_transform
+    d = cfg.data
+    if d.synthetic:
+        from kdforge.data.datasets import SyntheticDataset
+        make = lambda n, seed: SyntheticDataset(n, d.synthetic_classes, d.img_size, d.in_chans, seed)  # noqa: E731
+        return make(d.synthetic, 0), (make(max(d.batch_size, d.synthetic // 10), 1) if d.val_split else None)
     root = Path(cfg.data.root)
     mode = "RGB" if cfg.data.in_chans == 3 else "L"
     train_dir = root / cfg.data.train_split
@@ -450,7 +455,7 @@ def evaluate_run(run: str | Path, split: str = "test", which: str = "best", data
     method.to(dev)
     root = Path(data_root or cfg.data.root)
     mode = "RGB" if cfg.data.in_chans == 3 else "L"
-    ds = ImageFolderDataset(root / split, build_eval_transform(cfg.data), "skip", mode, classes=ck["classes"])
+    ds = ImageFolderDataset(root / split, build_eval_transform(cfg.data), "skip", mode, classes=ck["classes"] or None)
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     out = method.evaluate(loader, dev, amp_context(dev, cfg.train.amp))
     return {k.replace("val/", f"{split}/"): v for k, v in out.items()}
