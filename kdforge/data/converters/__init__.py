@@ -12,5 +12,8 @@ CONVERTERS: dict[str, str] = {
     "cifar-fs": "kdforge.data.converters.cifar_fs",
     "fc100": "kdforge.data.converters.fc100",
     "cifar": "kdforge.data.converters.cifar",
+    "cifar10": "kdforge.data.converters.cifar10",
+    "cifar100": "kdforge.data.converters.cifar100",
+    "tiny-imagenet": "kdforge.data.converters.tiny_imagenet",
     "wild-pool": "kdforge.data.converters.wild_pool",
 }

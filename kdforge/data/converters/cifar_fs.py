@@ -34,38 +34,73 @@ CIFAR_FS_TEST = (
     "chimpanzee", "fox", "snail", "worm", "baby", "man", "woman", "bicycle", "pickup_truck", "rocket")
 
 
+def _plain(obj):
+    """Pickles written by Python 3 (or read with ``encoding="bytes"``) have bytes keys and bytes class
+    names; the distributed Python 2 pickles read with ``encoding="latin1"`` have str. Answer str."""
+    if isinstance(obj, dict):
+        return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    return obj
+
+
+def label_names(names) -> list[str]:
+    """A CIFAR meta name list as str (bytes entries decoded)."""
+    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+
+
+def read_cifar_pickles(src: str | Path, names: list[str], folder: str = "cifar-100-python",
+                       expected: str = "train, test, meta", archive: str = "cifar-100-python.tar.gz") -> dict:
+    """Read the CIFAR python pickles ``names`` from the extracted folder (``src`` itself, or ``src/<folder>``)
+    or from the ``.tar.gz`` (opened once). Returns ``{name: dict with str keys}``."""
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"CIFAR source {str(src)!r} does not exist; expected the {folder} folder "
+                                f"({expected}) or {archive}")
+    out = {}
+    if src.is_dir():
+        base = src if any((src / n).is_file() for n in names) or not (src / folder).is_dir() else src / folder
+        for name in names:
+            path = base / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{base}: no CIFAR file {name!r}; expected the {folder} folder "
+                                        f"({expected}) or {archive}")
+            out[name] = _plain(pickle.loads(path.read_bytes(), encoding="latin1"))
+        return out
+    if not tarfile.is_tarfile(src):
+        raise FileNotFoundError(f"{src} is neither a folder nor a tar archive; expected the {folder} folder "
+                                f"({expected}) or {archive}")
+    with tarfile.open(src, "r:*") as tar:
+        members = {}
+        for m in tar.getmembers():
+            base = m.name.rsplit("/", 1)[-1]
+            if base in names and m.isfile() and base not in members:
+                members[base] = m
+        for name in names:
+            if name not in members:
+                raise FileNotFoundError(f"{src}: archive has no CIFAR member {name!r}; expected {archive} "
+                                        f"({folder}/: {expected})")
+            out[name] = _plain(pickle.load(io.BytesIO(tar.extractfile(members[name]).read()), encoding="latin1"))
+    return out
+
+
 def load_cifar100(src: str | Path) -> dict:
     """Read the CIFAR-100 python pickles from a folder or the .tar.gz.
 
     Returns ``{"images": uint8 (60000, 32, 32, 3), "fine": (60000,), "coarse": (60000,), "origin":
     ["train_<i>" | "test_<i>"], "fine_names": [...], "coarse_names": [...]}`` (train rows first)."""
-    src = Path(src)
-
-    def read(name: str):
-        if src.is_dir():
-            path = src / name
-            if not path.is_file() and (src / "cifar-100-python" / name).is_file():
-                path = src / "cifar-100-python" / name
-            if not path.is_file():
-                raise FileNotFoundError(f"{src}: no CIFAR-100 file {name!r}; expected the cifar-100-python folder "
-                                        "(train, test, meta) or cifar-100-python.tar.gz")
-            return pickle.loads(path.read_bytes(), encoding="latin1")
-        with tarfile.open(src, "r:*") as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith("/" + name) or m.name == name), None)
-            if member is None:
-                raise FileNotFoundError(f"{src}: archive has no CIFAR-100 member {name!r}")
-            return pickle.load(io.BytesIO(tar.extractfile(member).read()), encoding="latin1")
-
-    if not src.exists():
-        raise FileNotFoundError(f"CIFAR-100 source {str(src)!r} does not exist")
-    meta = read("meta")
-    parts = [read("train"), read("test")]
-    images = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                             for p in parts])
+    files = read_cifar_pickles(src, ["meta", "train", "test"])
+    meta = files["meta"]
+    parts = [files["train"], files["test"]]
+    images = np.concatenate([cifar_rows_to_images(p["data"]) for p in parts])
     origin = [f"{tag}_{i:05d}" for tag, p in zip(("train", "test"), parts) for i in range(len(p["fine_labels"]))]
     return {"images": images, "fine": np.concatenate([np.asarray(p["fine_labels"]) for p in parts]),
             "coarse": np.concatenate([np.asarray(p["coarse_labels"]) for p in parts]), "origin": origin,
-            "fine_names": list(meta["fine_label_names"]), "coarse_names": list(meta["coarse_label_names"])}
+            "fine_names": label_names(meta["fine_label_names"]),
+            "coarse_names": label_names(meta["coarse_label_names"])}
+
+
+def cifar_rows_to_images(data) -> np.ndarray:
+    """CIFAR rows (N, 3072) = R plane, G plane, B plane of 32×32, row-major -> uint8 (N, 32, 32, 3)."""
+    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
 def write_cifar_split(data: dict, split_of_fine: dict[str, str], out: str | Path, name: str,
