@@ -253,12 +253,13 @@ class OptimConfig:
 @dataclass
 class SchedConfig:
     """Learning-rate schedule, evaluated every iteration: linear warmup then cosine / step / constant."""
-    name: Literal["cosine", "step", "constant"] = "cosine"
+    name: Literal["cosine", "step", "constant", "poly"] = "cosine"
     warmup_epochs: float = 0.0
     warmup_start_factor: float = 0.0
     min_lr: float = 0.0
     milestones: list[int] = field(default_factory=list)  # epochs (step schedule)
     gamma: float = 0.1
+    power: float = 0.9                          # poly schedule: (1 - t) ** power (DeepLab / PSPNet)
 
     def validate(self, prefix: str = "sched") -> None:
         require(self.warmup_epochs >= 0, _k(prefix, "warmup_epochs"), "a number >= 0", self.warmup_epochs)

@@ -95,6 +95,9 @@ def build_datasets(cfg: Config, method_cls) -> tuple[Any, Any]:
         from kdforge.data.datasets import SyntheticDataset
         make = lambda n, seed: SyntheticDataset(n, d.synthetic_classes, d.img_size, d.in_chans, seed)  # noqa: E731
         return make(d.synthetic, 0), (make(max(d.batch_size, d.synthetic // 10), 1) if d.val_split else None)
+    own = method_cls.build_dataset(cfg, cfg.data.train_split, True)
+    if own is not None:  # the method reads its own data (detection, segmentation)
+        return own, (method_cls.build_dataset(cfg, cfg.data.val_split, False) if cfg.data.val_split else None)
     root = Path(cfg.data.root)
     mode = "RGB" if cfg.data.in_chans == 3 else "L"
     train_dir = root / cfg.data.train_split
@@ -114,13 +117,13 @@ def build_datasets(cfg: Config, method_cls) -> tuple[Any, Any]:
     return train, val
 
 
-def eval_loader(dataset, cfg: Config, device: torch.device) -> DataLoader:
+def eval_loader(dataset, cfg: Config, device: torch.device, collate_fn=None) -> DataLoader:
     """Sharded over ranks without padding, so metric sums over ranks are exact."""
     from kdforge.data.sampling import shard_indices
     ds = Subset(dataset, shard_indices(len(dataset), D.get_rank(), D.get_world_size())) \
         if D.is_dist() else dataset
     return DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                      pin_memory=device.type == "cuda")
+                      pin_memory=device.type == "cuda", collate_fn=collate_fn)
 
 
 def build_teacher(cfg: Config, num_classes: int) -> Optional[nn.Module]:
@@ -149,7 +152,7 @@ def build_method(cfg: Config, num_classes: int, with_teacher: bool = True):
     student = create_model(cfg.model.name, num_classes=n_student, in_chans=cfg.data.in_chans,
                            img_size=cfg.data.img_size, weights=cfg.model.weights, strict=cfg.model.strict,
                            **cfg.model.kwargs)
-    teacher = build_teacher(cfg, num_classes) if with_teacher else None
+    teacher = method_cls.build_teacher(cfg, num_classes) if with_teacher else None
     return method_cls(cfg, student, teacher)
 
 
@@ -270,9 +273,10 @@ def train(cfg: Config) -> RunResult:
     from kdforge.data.sampling import EpochBatchSampler
     sampler = method_cls.build_batch_sampler(cfg, train_ds, tc.seed, rank, world) or \
         EpochBatchSampler(len(train_ds), cfg.data.batch_size, tc.seed, rank, world, drop_last=cfg.data.drop_last)
+    collate = method_cls.collate_fn(cfg)
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    val_loader = eval_loader(val_ds, cfg, device) if val_ds is not None else None
+                        pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate)
+    val_loader = eval_loader(val_ds, cfg, device, collate) if val_ds is not None else None
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * tc.epochs
     warmup_steps = int(round(cfg.sched.warmup_epochs * steps_per_epoch))
@@ -341,7 +345,7 @@ def train(cfg: Config) -> RunResult:
             batch_idx = skip
             for batch in loader:
                 f = lr_factor(step, total_steps, cfg.sched.name, warmup_steps, cfg.sched.warmup_start_factor,
-                              min_ratio, milestones, cfg.sched.gamma)
+                              min_ratio, milestones, cfg.sched.gamma, cfg.sched.power)
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * f
                     if cfg.optim.weight_decay_end is not None and g["base_wd"] > 0:
@@ -455,7 +459,12 @@ def evaluate_run(run: str | Path, split: str = "test", which: str = "best", data
     method.to(dev)
     root = Path(data_root or cfg.data.root)
     mode = "RGB" if cfg.data.in_chans == 3 else "L"
-    ds = ImageFolderDataset(root / split, build_eval_transform(cfg.data), "skip", mode, classes=ck["classes"] or None)
-    loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    cfg.data.root = str(root)
+    method_cls = type(method)
+    own = method_cls.build_dataset(cfg, split, False)
+    ds = own if own is not None else \
+        ImageFolderDataset(root / split, build_eval_transform(cfg.data), "skip", mode, classes=ck["classes"] or None)
+    loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+                        collate_fn=method_cls.collate_fn(cfg))
     out = method.evaluate(loader, dev, amp_context(dev, cfg.train.amp))
     return {k.replace("val/", f"{split}/"): v for k, v in out.items()}

@@ -172,3 +172,22 @@ class Method(nn.Module):
     def build_batch_sampler(cls, cfg, dataset, seed: int, rank: int, world: int):
         """Return a custom batch sampler (with ``set_epoch``) or None for the default shuffled one."""
         return None
+
+    @classmethod
+    def build_dataset(cls, cfg, split: str, train: bool):
+        """The method's own dataset for ``split`` (detection, segmentation...), or None for the default
+        ImageFolder reader. Called for the train split first; when that is not None, it is called for
+        the val/test splits too, and None there means "no such split". The dataset needs ``classes``,
+        ``set_seed(seed, epoch)`` and ``corrupt_count``."""
+        return None
+
+    @classmethod
+    def collate_fn(cls, cfg) -> Optional[Callable]:
+        """The DataLoader collate function (train and eval loaders); None = torch's default."""
+        return None
+
+    @classmethod
+    def build_teacher(cls, cfg, num_classes: int) -> Optional[nn.Module]:
+        """The frozen teacher (default: ``cfg.teacher`` built by the trainer's ``build_teacher``)."""
+        from kdforge.engine.trainer import build_teacher
+        return build_teacher(cfg, num_classes)

@@ -16,4 +16,5 @@ CONVERTERS: dict[str, str] = {
     "cifar100": "kdforge.data.converters.cifar100",
     "tiny-imagenet": "kdforge.data.converters.tiny_imagenet",
     "wild-pool": "kdforge.data.converters.wild_pool",
+    "digits-detect": "kdforge.data.converters.digits_detect",
 }
