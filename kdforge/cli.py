@@ -14,6 +14,7 @@ COMMANDS = {
     "data": "kdforge.commands.data",
     "export": "kdforge.commands.export",
     "demo": "kdforge.commands.demo",
+    "transfer": "kdforge.commands.transfer",
 }
 
 

@@ -20,6 +20,9 @@ _REGISTRY: dict[str, str | type] = {
     "ibot": "kdforge.methods.ibot:IBOT",
     "smkd": "kdforge.methods.smkd:SMKD",
     "attnprobe": "kdforge.methods.attnprobe:AttnProbe",
+    "detect": "kdforge.methods.detect:Detect",
+    "vkd_dense": "kdforge.methods.vkd_dense:VkDDense",
+    "segment": "kdforge.methods.segment:Segment",
 }
 
 
