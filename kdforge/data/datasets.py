@@ -103,7 +103,7 @@ class ImageListDataset(Dataset):
         s = _sample_seed(self.seed, self.epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also queues CUDA seeding (slow)
             random.seed(s)
             np.random.seed(s % (2 ** 32))
             try:
