@@ -1,0 +1,73 @@
+"""Demo row: dense tasks on digits-detect (digits pasted on canvases; COCO box mAP on its test split).
+
+One detector design (FCOS + FPN, torchvision) trained three ways on the same data and schedule,
+with a small student backbone (kdf_resnet_narrow):
+
+* from scratch;
+* + VkD dense distillation (``vkd_dense``: every FPN level through a square orthogonal projector,
+  padding-aware per-channel standardisation, smooth-L1, weight 4) from a larger detector teacher
+  (the same design on kdf_resnet_wide, trained first on the same data);
+* backbone initialised from the KDEP row's pre-training (SVD + PTS feature KD from the demo's teacher
+  CNN on 10 % of the digits images; reused when the KDEP row already ran, trained otherwise).
+
+To fit the demo budget (≤ 90 s on 2 CPU cores for the data, the teacher and the three students) the
+canvases are 48 px with 10-20 px digits, the FPN is 32 wide, 160 training canvases, a few epochs,
+no per-epoch validation (the last epoch is scored on the test split).
+"""
+from __future__ import annotations
+
+from kdforge.demo.core import DemoContext, DemoRow
+
+TITLE = "Dense: detector on digits-detect — scratch vs VkD dense distillation vs KDEP-initialised backbone"
+
+SECTION = "Dense tasks (FCOS detector on digits-detect, COCO mAP on test)"
+
+COUNTS = {"train": 160, "val": 8, "test": 60}
+CANVAS, SCALE = 48, (10, 20)
+
+#: the CPU-sized detector recipe shared by every variant
+COMMON = ["method.detector=fcos", "method.fpn_channels=32", "method.max_size=48", "method.anchor_mult=null",
+          "data.img_size=48", "data.batch_size=16", "train.val_every=0", "optim.name=adamw", "optim.lr=3e-3",
+          "optim.weight_decay=0.05", "sched.warmup_epochs=0.5", "train.clip_grad=10.0"]
+
+
+def _kdep_backbone(ctx: DemoContext) -> str:
+    """The KDEP row's seed-0 pre-training run (the same name and overrides, so a finished one is reused)."""
+    from kdforge.demo.rows import kdep
+    ep = kdep._budget(ctx.quick)
+    sub, svd = kdep.prepare(ctx)
+    common = [f"model.name={kdep.STUDENT}", "data.batch_size=32", "train.val_every=0"]
+    res, _ = ctx.train(ctx.preset("kdep/digits_cpu.yaml"),
+                       common + [f"data.root={sub}", f"method.svd={svd}", f"train.epochs={ep['kdep']}",
+                                 "train.seed=0"], "kdep_row/pre_kdep_s0", evaluate=False)
+    return str(res.run_dir)
+
+
+def run(ctx: DemoContext) -> list[DemoRow]:
+    from kdforge.data.converters.digits_detect import write_digits_detect
+    data = write_digits_detect(ctx.out / "digits_detect", counts=COUNTS, canvas=CANVAS, scale=SCALE)
+    epochs, t_epochs = (3, 6) if ctx.quick else (6, 12)
+    det = ctx.preset("dense/digits_detect_cpu.yaml")
+    base = COMMON + [f"data.root={data}", "train.seed=0"]
+    teacher, t_test = ctx.train(det, base + ["model.name=kdf_resnet_wide", "teacher=null", f"train.epochs={t_epochs}"],
+                                "dense_row/teacher")
+    base.append(f"train.epochs={epochs}")
+    rows = [DemoRow(SECTION, "teacher: FCOS on kdf_resnet_wide (from scratch)", _metrics(t_test),
+                    teacher.params, teacher.seconds)]
+    kdep_run = _kdep_backbone(ctx)
+    variants = [
+        ("scratch", "student: FCOS on kdf_resnet_narrow, from scratch", det, ["teacher=null"]),
+        ("vkd_dense", "student + VkD dense distillation from the teacher (weight 4)",
+         ctx.preset("dense/vkd_dense_digits_cpu.yaml"),
+         ["teacher.name=kdf_resnet_wide", f"teacher.checkpoint={teacher.run_dir}"]),
+        ("kdep", "student, backbone from KDEP pre-training (10% digits, no labels)", det,
+         ["teacher=null", f"method.backbone={kdep_run}"]),
+    ]
+    for tag, label, preset, extra in variants:
+        res, test = ctx.train(preset, base + ["model.name=kdf_resnet_narrow"] + extra, f"dense_row/{tag}")
+        rows.append(DemoRow(SECTION, label, _metrics(test), res.params, res.seconds))
+    return rows
+
+
+def _metrics(test: dict) -> dict:
+    return {"AP": test["test/AP"], "AP50": test["test/AP50"], "AP75": test["test/AP75"]}
