@@ -168,6 +168,9 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, fpn_chan
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     if kind not in DETECTORS:
         raise ValueError(f"detector: expected one of {', '.join(DETECTORS)}, got {kind!r}")
+    if kind != "faster_rcnn" and fpn_channels % 32:
+        raise ValueError(f"fpn_channels: {kind} heads use GroupNorm(32, C); expected a multiple of 32, "
+                         f"got {fpn_channels}")
     if strides is None:
         strides = (4, 8, 16, 32) if kind == "faster_rcnn" else (8, 16, 32)
     strides = tuple(int(s) for s in strides)
