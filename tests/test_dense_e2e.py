@@ -49,7 +49,7 @@ def test_transfer_detect_cli(teacher_run):
     assert not math.isnan(test["test/AP"]) and math.isnan(test["test/APl"])  # digits are all small
     log = [json.loads(x) for x in (teacher_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    assert steps and {"classification", "bbox_regression"} <= set(steps[0])  # RetinaNet's own loss terms
+    assert steps and {"classification", "bbox_regression", "bbox_ctrness"} <= set(steps[0])  # FCOS's terms
     assert any("val/AP" in r for r in log)
 
 
@@ -64,7 +64,10 @@ def test_vkd_dense_trains_with_a_detector_teacher(data, teacher_run, tmp_path):
     assert steps
     for r in steps:  # total = detector losses + 4 * distillation
         assert r["distil"] > 0 and r["loss"] == pytest.approx(r["det"] + 4.0 * r["distil"], rel=1e-4)
-        assert r["det"] == pytest.approx(r["classification"] + r["bbox_regression"], rel=1e-4)
+        terms = {k: v for k, v in r.items() if k not in ("step", "time", "loss", "det", "distil", "epoch", "lr",
+                                                           "img_per_s")}
+        assert set(terms) == {"classification", "bbox_regression", "bbox_ctrness"}  # FCOS's own terms
+        assert r["det"] == pytest.approx(sum(terms.values()), rel=1e-4)
     ck = torch.load(tmp_path / "vkd" / "last.pt", map_location="cpu", weights_only=False)
     keys = list(ck["model"])
     assert sum(k.endswith(".raw") and k.startswith("projectors.") for k in keys) == 5  # P3-P7
