@@ -96,3 +96,25 @@ def test_transfer_through_trainer(run_dir, digits_root, tmp_path, mode):
         assert torch.equal(init["student.layer1.0.bn1.running_mean"], after["student.layer1.0.bn1.running_mean"])
     else:
         assert not torch.equal(init[k], after[k])
+
+
+def test_transfer_moco_lincls_protocol(run_dir, digits_root, tmp_path, capsys):
+    out = tmp_path / "lincls"
+    assert main(["eval", "transfer", str(run_dir), str(digits_root), str(out), "--protocol", "moco_lincls",
+                 "--epochs", "5", "--batch-size", "256", "--device", "cpu", "--quiet"]) == 0
+    rep = _json(out / "transfer.json")
+    pr = rep["protocol"]
+    assert rep["protocol_name"] == "moco_lincls" and rep["epochs"] == 5
+    # MoCo lincls: lr 30, x0.1 at 60% / 80% of training, no L2 on the features, frozen backbone in eval mode
+    assert (pr["lr"], pr["milestones"], pr["gamma"], pr["l2_normalize"]) == (30.0, [3, 4], 0.1, False)
+    assert pr["frozen_backbone_eval_mode"] is True and pr["train_transform"] == "standard"
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lr_by_epoch = {r["epoch"]: r["lr"] for r in recs if "lr" in r}
+    assert lr_by_epoch == pytest.approx({0: 30.0, 1: 30.0, 2: 30.0, 3: 3.0, 4: 0.3})   # x0.1 at epochs 3 and 4
+    init = torch.load(run_dir / "last.pt", weights_only=False)["model"]
+    after = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert torch.equal(init["student.conv1.weight"], after["student.conv1.weight"])
+    capsys.readouterr()
+    assert main(["eval", "transfer", str(run_dir), str(digits_root), str(tmp_path / "bad"), "--protocol",
+                 "moco_lincls", "--mode", "finetune", "--device", "cpu", "--quiet"]) == 2
+    assert "use mode='linear'" in capsys.readouterr().err

@@ -115,3 +115,20 @@ def test_cache_hit_and_staleness(tiny_run, digits_root, tmp_path):
     f = cached_features(tiny_run, data, "val", "pooled", **kw)
     assert not f["cached"] and f["key"] != e["key"] and not torch.equal(f["features"], e["features"])
     assert len(list(cache.glob("*.safetensors"))) == 5
+
+
+def test_amp_is_part_of_the_cache_key(tiny_run, digits_root, tmp_path):
+    from kdforge.eval.features import resolve_amp
+    assert resolve_amp("auto", "cpu") is None and resolve_amp("none", "cpu") is None
+    assert resolve_amp("bf16", "cpu") == "bf16" and resolve_amp("auto", "cuda") == "bf16"
+    with pytest.raises(ValueError, match="amp must be"):
+        resolve_amp("fp8", "cpu")
+    kw = dict(device="cpu", progress=False, cache_dir=tmp_path / "cache")
+    fp32 = cached_features(tiny_run, digits_root, "val", "pooled", **kw)
+    auto = cached_features(tiny_run, digits_root, "val", "pooled", amp="auto", **kw)   # CPU: auto = fp32
+    assert auto["cached"] and auto["key"] == fp32["key"] and "amp" not in auto["meta"]["parts"]
+    bf16 = cached_features(tiny_run, digits_root, "val", "pooled", amp="bf16", **kw)
+    assert not bf16["cached"] and bf16["key"] != fp32["key"] and bf16["meta"]["parts"]["amp"] == "bf16"
+    assert bf16["features"].dtype == torch.float32
+    err = (bf16["features"] - fp32["features"]).abs().max() / fp32["features"].abs().max()
+    assert 0 < err < 0.05                               # bf16 autocast really ran, and stays close

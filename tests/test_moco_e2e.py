@@ -82,6 +82,25 @@ def test_ssl_report_on_moco_run(moco_run, small_digits):
     assert report_main([str(moco_run), "--data-root", str(small_digits), "--k-max", "5"]) == 0
 
 
+def test_kdforge_eval_ssl_one_command(moco_run, small_digits, tmp_path, capsys):
+    from kdforge.methods.moco_report import ssl_report
+    out = tmp_path / "ssl.json"
+    assert main(["eval", "ssl", str(moco_run), str(small_digits), "--k-max", "11", "--probe-max-iter", "30",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Instance discrimination, mode d-sd, Top1-5:" in printed and "| D-SD align |" in printed
+    assert "SSL metrics (test, 50 images)" in printed and "linear probe" in printed
+    rep = json.loads(out.read_text())
+    ref = ssl_report(moco_run, small_digits, k_max=11, probe_max_iter=30, write=False)   # same numbers as the API
+    for key in ("instdisc_d_sd", "instdisc_sd_sd", "best_nn", "best_nn_k"):
+        assert rep[key] == ref[key]
+    for key in ("align_d_sd", "align_sd_sd", "class_align_d", "class_align_sd", "uniform_d", "uniform_sd",
+                "linear_probe"):
+        assert rep[key] == pytest.approx(ref[key], abs=1e-6)
+    assert main(["eval", "ssl", str(moco_run), str(tmp_path / "nowhere")]) == 2          # one-line error
+    assert "neither" in capsys.readouterr().err
+
+
 def _warm_started(root, out, source, *extra):
     """What the trainer does for init_from (load matching keys), then the method's own semantics."""
     cfg = load_config("configs/moco/digits_improved_cpu.yaml",

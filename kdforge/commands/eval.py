@@ -2,7 +2,9 @@
 one-line summary.
 
 Modes: ``accuracy`` (default when the first argument is a run: ``kdforge eval RUN --split test``),
-``features``, ``fewshot``, ``knn``, ``linear``, ``instdisc``, ``geometry``, ``transfer``, ``tsne``.
+``features``, ``fewshot``, ``knn``, ``linear``, ``instdisc``, ``geometry``, ``transfer``, ``tsne``, and
+``ssl`` (SSL-small's whole metric set on a moco/seed run in one command: instance discrimination
+d-sd/sd-sd top-1..5, alignment / class alignment / uniformity on D and SD, Best-NN, linear probe).
 CKPT is a kdforge run folder, a checkpoint file or an exported ``.safetensors``; DATA an ImageFolder
 root (``DATA/<split>/<class>/<image>``); STATIC a set written by ``kdforge data static-augs``.
 Features are cached per checkpoint hash + tap + transform + split (``--no-cache`` recomputes).
@@ -14,12 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-MODES = ("accuracy", "features", "fewshot", "knn", "linear", "instdisc", "geometry", "transfer", "tsne")
+MODES = ("accuracy", "features", "fewshot", "knn", "linear", "instdisc", "geometry", "transfer", "tsne", "ssl")
 
 
 def add_parser(sub):
     p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, features, fewshot, knn, linear, instdisc, "
-                                    "geometry, transfer, tsne",
+                                    "geometry, transfer, tsne, ssl",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     p.add_argument("-h", "--help", action="store_true", dest="eval_help", help="show the modes and exit")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="MODE and its arguments ('kdforge eval MODE --help')")
@@ -42,7 +44,8 @@ def _common(p, data: bool = True, static: bool = False):
     p.add_argument("--crop-pct", type=float, help="override the run's eval crop fraction")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
+                   help="autocast for feature extraction (auto: bf16 on CUDA, none on CPU); part of the cache key")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--cache-dir", help="feature cache folder (default CKPT/features)")
     p.add_argument("--no-cache", action="store_true", help="recompute features (and overwrite the cache)")
@@ -118,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--milestones", type=int, nargs="*")
     p.add_argument("--gamma", type=float)
     p.add_argument("--no-l2", action="store_true", help="linear mode without feature L2-normalisation (MoCo lincls)")
+    p.add_argument("--protocol", choices=["default", "moco_lincls"], default="default",
+                   help="moco_lincls: MoCo's linear evaluation (no L2, lr 30, 100 epochs, x0.1 at 60/80, "
+                        "RandomResizedCrop 0.08-1); explicit --epochs/--lr/--milestones/--gamma win")
     p.add_argument("--which", choices=["best", "last"], default="best")
     p.add_argument("--module", default="student")
     p.add_argument("--img-size", type=int)
@@ -134,6 +140,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default CKPT/eval/tsne_<split>_<tap>.png)")
     p.add_argument("--max-points", type=int, default=5000)
     p.add_argument("--perplexity", type=float, default=30.0)
+
+    p = modes.add_parser("ssl", help="SSL-small metric set on a moco/seed run (retrieval, geometry, Best-NN, "
+                                     "linear probe): one JSON + the paper-style table")
+    p.add_argument("ckpt", help="a moco or seed run folder (or its checkpoint file)")
+    p.add_argument("data", nargs="?", help="ImageFolder root with train (gallery, probe), optional val (chooses k "
+                                           "and the probe's weight decay) and --split (default: the run's data.root)")
+    p.add_argument("--split", default="test", help="static set + reported accuracies (default test)")
+    p.add_argument("--which", choices=["best", "last"], default="best")
+    p.add_argument("--k-max", type=int, default=101)
+    p.add_argument("--rep-space", choices=["original", "norm", "shift-norm"], default="original")
+    p.add_argument("--probe-max-iter", type=int, default=500, help="L-BFGS iterations per linear-probe fit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the static set's augmented views")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--json", help="result file (default CKPT/eval/ssl_<split>.json)")
     return top
 
 
@@ -288,7 +310,7 @@ def _run_transfer(a) -> int:
                    weight_decay=a.weight_decay, milestones=a.milestones or None, gamma=a.gamma,
                    l2_normalize=not a.no_l2, which=a.which, module=a.module, img_size=a.img_size,
                    train_transform=a.train_transform, device=a.device, seed=a.seed, num_workers=a.workers,
-                   progress=not a.quiet)
+                   progress=not a.quiet, protocol=None if a.protocol == "default" else a.protocol)
     if not a.json:
         a.json = str(Path(a.out) / "transfer.json")
     return _write(a, "transfer", rep,
@@ -307,9 +329,21 @@ def _run_tsne(a) -> int:
     return _write(a, f"tsne_{a.split}", res, f"t-SNE of {res['n']} {a.split} features -> {out}")
 
 
+def _run_ssl(a) -> int:
+    from kdforge.methods.moco_report import format_report, ssl_report
+    rep = ssl_report(a.ckpt, a.data, a.split, a.which, a.k_max, a.rep_space, a.seed, a.device, a.batch_size,
+                     a.workers, probe_max_iter=a.probe_max_iter)
+    print(format_report(rep))
+    return _write(a, f"ssl_{rep['static_split']}", rep,
+                  f"SSL metrics ({rep['static_split']}, {rep['n_static']} images): instdisc d-sd top1 "
+                  f"{rep['instdisc_d_sd'][0]:.2f}, align D-SD {rep['align_d_sd']:.4f}, uniform D "
+                  f"{rep['uniform_d']:.4f}, Best-NN {rep['best_nn']:.2f} (k={rep['best_nn_k']}, "
+                  f"{rep['best_nn_k_chosen_on']}), linear probe {rep['linear_probe']:.2f}")
+
+
 RUNNERS = {"accuracy": _run_accuracy, "features": _run_features, "fewshot": _run_fewshot, "knn": _run_knn,
            "linear": _run_linear, "instdisc": _run_instdisc, "geometry": _run_geometry,
-           "transfer": _run_transfer, "tsne": _run_tsne}
+           "transfer": _run_transfer, "tsne": _run_tsne, "ssl": _run_ssl}
 
 
 def run(args) -> int:
@@ -324,6 +358,6 @@ def run(args) -> int:
     import kdforge.eval.transfer  # noqa: F401  (registers the linear_transfer method for evaluate_run)
     try:
         return RUNNERS[a.mode](a)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"kdforge eval {a.mode}: error: {e}", file=sys.stderr)
         return 2

@@ -16,8 +16,9 @@
 
 * :func:`cached_features` — the same, stored as safetensors under a key made of the checkpoint
   file's SHA-256, the module, the tap (and blocks), the transform, the split name and a fingerprint
-  of the split's files (relative path, size, mtime). Any change gives a new key, so a stale cache is
-  never reused; the key parts are stored in the file and checked again on load.
+  of the split's files (relative path, size, mtime), plus the autocast dtype when one is used. Any
+  change gives a new key, so a stale cache is never reused; the key parts are stored in the file and
+  checked again on load.
 """
 from __future__ import annotations
 
@@ -137,6 +138,19 @@ def tap_features(model: nn.Module, x: Tensor, tap: str = "pooled", n_blocks: int
     raise ValueError(f"unknown tap {tap!r}; choose one of {TAPS}")
 
 
+def resolve_amp(amp: Optional[str], device) -> Optional[str]:
+    """``"auto"`` -> ``"bf16"`` on CUDA, ``None`` elsewhere; ``"none"``/``None`` -> ``None``; else unchanged."""
+    if amp in (None, "none"):
+        return None
+    if amp == "auto":
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        return "bf16" if dev.type == "cuda" else None
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be 'auto', 'none', 'bf16' or 'fp16', got {amp!r}")
+    return amp
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset, tap: str = "pooled", batch_size: int = 256, device="auto",
                      amp: Optional[str] = None, n_blocks: int = 4, num_workers: int = 0,
@@ -149,8 +163,8 @@ def extract_features(model: nn.Module, dataset, tap: str = "pooled", batch_size:
         tap: one of :data:`TAPS`. ``n_blocks``: blocks/stages of ``multiblock``.
         batch_size, num_workers: loader settings (no shuffling, nothing dropped).
         device: ``"auto"`` (CUDA when available), a name or a ``torch.device``.
-        amp: ``None``/``"none"``, ``"bf16"`` or ``"fp16"`` (autocast; on GPU by default ``bf16``
-            is a good choice). Features are returned in float32.
+        amp: ``None``/``"none"``, ``"auto"`` (bf16 on CUDA, none on CPU), ``"bf16"`` or ``"fp16"``
+            (autocast). Features are returned in float32.
         progress: show a tqdm bar.
 
     Returns:
@@ -160,13 +174,14 @@ def extract_features(model: nn.Module, dataset, tap: str = "pooled", batch_size:
     from tqdm.auto import tqdm
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
+    amp = resolve_amp(amp, dev)
     was_training = model.training
     model.eval().to(dev)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=dev.type == "cuda")
     feats, labels = [], []
     ctx = (torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-           if amp not in (None, "none") else None)
+           if amp is not None else None)
     for images, y in tqdm(loader, desc=f"features ({tap})", disable=not progress, leave=False):
         images = images.to(dev, non_blocking=True)
         if ctx is not None:
@@ -213,6 +228,7 @@ def cached_features(ckpt: str | Path, data_root: str | Path, split: str, tap: st
         data_root, split: the ImageFolder ``data_root/split/<class>/<image>``.
         tap, n_blocks: see :func:`tap_features`.
         img_size, crop_pct: override the run's evaluation transform.
+        amp: see :func:`extract_features`; the resolved autocast dtype is part of the cache key.
         cache_dir: where caches live (default ``<run or file folder>/features``).
         use_cache: False recomputes and overwrites.
         files: optional explicit ``[(path, label), ...]`` instead of the folder scan (static views).
@@ -244,6 +260,9 @@ def cached_features(ckpt: str | Path, data_root: str | Path, split: str, tap: st
     parts = {"weights_sha256": file_sha256(wfile), "module": module, "tap": tap,
              "n_blocks": n_blocks if tap == "multiblock" else None, "transform": repr(tf), "split": split,
              "data_fingerprint": fingerprint, "format": 1}
+    amp = resolve_amp(amp, device)
+    if amp is not None:                       # reduced-precision features never stand in for fp32 ones
+        parts["amp"] = amp
     key = cache_key(parts)
     base = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent
     cdir = Path(cache_dir) if cache_dir is not None else base / "features"

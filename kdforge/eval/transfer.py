@@ -7,8 +7,12 @@ trainer (:func:`kdforge.engine.trainer.train`), never a second training loop.
   got stuck in eval mode after the first validation; here the trainer sets modes).
 * ``mode="linear"``: the ``linear_transfer`` method below — backbone frozen and kept in eval mode
   (frozen BN, no dropout), features L2-normalised before the linear layer as in the reference's
-  ``Sequential(L2-normalise, fc)``, fc initialised N(0, 0.01) with zero bias (MoCo protocol). With
-  ``l2_normalize=False`` and lr 30, milestones 60/80 of 100 epochs this is MoCo's linear evaluation.
+  ``Sequential(L2-normalise, fc)``, fc initialised N(0, 0.01) with zero bias (MoCo protocol).
+* ``protocol="moco_lincls"``: MoCo's linear evaluation on images, for parity with the paper
+  (SSL-small §2(e)): linear mode, no L2 normalisation, SGD lr 30 (momentum 0.9, wd 0), 100 epochs,
+  ×0.1 at epochs 60 and 80 (scaled to 60% / 80% of other lengths), RandomResizedCrop(scale 0.08–1)
+  + flip. Explicit ``epochs``, ``lr``, ``milestones``, ``gamma`` and ``train_transform`` win over the
+  protocol's values.
 
 Both use SGD (momentum 0.9) with a step schedule (×0.1 at 2/3 of training for linear; ×0.2 at 40%
 and 70% for finetune, the reference's settings). ``best.pt`` is chosen by val accuracy; the report
@@ -106,7 +110,8 @@ def transfer(ckpt: str | Path, data_root: str | Path, out: str | Path, mode: str
              weight_decay: float = 0.0, milestones: Optional[list] = None, gamma: Optional[float] = None,
              l2_normalize: bool = True, which: str = "best", module: str = "student",
              img_size: Optional[int] = None, train_transform: Optional[str] = None, device: str = "auto",
-             seed: int = 0, num_workers: int = 0, progress: bool = True, overrides: Optional[dict] = None) -> dict:
+             seed: int = 0, num_workers: int = 0, progress: bool = True, overrides: Optional[dict] = None,
+             protocol: Optional[str] = None) -> dict:
     """Fine-tune (``mode="finetune"``) or linear-transfer (``"linear"``) a backbone; see the module doc.
 
     Args:
@@ -120,6 +125,7 @@ def transfer(ckpt: str | Path, data_root: str | Path, out: str | Path, mode: str
         img_size, train_transform: override the source run's data settings.
         device, seed, num_workers, progress: trainer settings.
         overrides: extra dotted config overrides (``{"train.amp": "bf16"}``).
+        protocol: ``None`` (the defaults above) or ``"moco_lincls"`` (see the module doc; linear mode only).
 
     Returns:
         dict: ``val_best`` (val top-1 % of the selected checkpoint), ``test_at_val_best``,
@@ -131,6 +137,18 @@ def transfer(ckpt: str | Path, data_root: str | Path, out: str | Path, mode: str
     from kdforge.models import backbone_state_dict
     if mode not in ("linear", "finetune"):
         raise ValueError(f"transfer mode must be 'linear' or 'finetune', got {mode!r}")
+    if protocol not in (None, "moco_lincls"):
+        raise ValueError(f"transfer protocol must be None or 'moco_lincls', got {protocol!r}")
+    if protocol == "moco_lincls":
+        if mode != "linear":
+            raise ValueError("protocol 'moco_lincls' is a linear evaluation (frozen backbone); use mode='linear'")
+        epochs = int(epochs or 100)
+        lr = 30.0 if lr is None else lr
+        if milestones is None:
+            milestones = [max(1, round(epochs * 0.6)), max(2, round(epochs * 0.8))]
+        gamma = 0.1 if gamma is None else gamma
+        l2_normalize = False
+        train_transform = train_transform or "standard"
     root = Path(data_root)
     for split in ("train", "val", "test"):
         if not (root / split).is_dir():
@@ -175,7 +193,7 @@ def transfer(ckpt: str | Path, data_root: str | Path, out: str | Path, mode: str
     res = train(cfg)
     test_best = evaluate_run(out, "test", which="best", device=device).get("test/acc1")
     test_last = evaluate_run(out, "test", which="last", device=device).get("test/acc1")
-    report = {"mode": mode, "ckpt": str(ckpt), "module": module, "data_root": str(root), "run": str(out),
+    report = {"mode": mode, "protocol_name": protocol or "default", "ckpt": str(ckpt), "module": module, "data_root": str(root), "run": str(out),
               "val_best": res.best, "test_at_val_best": test_best, "test_last": test_last, "epochs": epochs,
               "protocol": {"optimizer": "SGD momentum 0.9", "lr": lr, "weight_decay": weight_decay,
                            "batch_size": batch_size, "milestones": list(milestones), "gamma": gamma,
