@@ -220,3 +220,28 @@ def test_vkd_dense_loss_golden_values():
     m = padding_masks([(8, 5), (3, 8)], (8, 8), [(4, 4)])[0]
     assert m[0].sum() == 4 * 3 and bool(m[0, :, 2].all()) and not bool(m[0, :, 3].any())
     assert m[1].sum() == 2 * 4 and not bool(m[1, 2].any())
+
+
+def test_voc_segmentation_reader(tmp_path):
+    from kdforge.data.dense import segmentation_dataset
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "SegmentationClass").mkdir()
+    (tmp_path / "SegmentationClassAug").mkdir()
+    (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Segmentation" / "trainaug.txt").write_text("a\nb\n")
+    for i, name in enumerate("ab"):
+        Image.fromarray(np.full((6, 8, 3), 40 * i, np.uint8)).save(tmp_path / "JPEGImages" / f"{name}.jpg")
+    m = np.zeros((6, 8), np.uint8)
+    m[:2] = 15
+    m[5] = 255  # VOC's "void" border
+    pal = Image.fromarray(m, mode="P")
+    pal.putpalette([0, 0, 0, 128, 0, 0] * 128)
+    pal.save(tmp_path / "SegmentationClass" / "a.png")
+    Image.fromarray(np.full((6, 8), 7, np.uint8), mode="L").save(tmp_path / "SegmentationClassAug" / "b.png")
+    ds = segmentation_dataset(tmp_path, "trainaug")
+    assert ds.num_classes == 21 and len(ds.classes) == 20 and len(ds) == 2
+    _, ta = ds[0]
+    ma = np.asarray(ta["mask"])  # palette indices are class ids, not colours
+    assert ma[0, 0] == 15 and ma[3, 0] == 0 and ma[5, 0] == 255
+    _, tb = ds[1]
+    assert (np.asarray(tb["mask"]) == 7).all()  # from SegmentationClassAug

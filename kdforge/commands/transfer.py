@@ -62,7 +62,8 @@ def add_parser(sub):
                        description="Fine-tune a torchvision detector (detect: Faster R-CNN / RetinaNet / FCOS + "
                                    "FPN, COCO mAP) or segmenter (segment: DeepLabV3 / FCN, mIoU) on a kdforge "
                                    "backbone, select on val, score test. Example: 'kdforge transfer detect "
-                                   "configs/dense/digits_detect_cpu.yaml --backbone runs/kdep_digits'.")
+                                   "configs/dense/digits_detect_cpu.yaml train.epochs=3 --backbone runs/kdep_digits' "
+                                   "(KEY=VALUE overrides go before the --options).")
     p.add_argument("task", choices=sorted(TASKS), help="detect | segment")
     p.add_argument("config", help="preset (configs/dense/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE")

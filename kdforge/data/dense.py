@@ -17,7 +17,8 @@ Layouts (``data.root`` = ROOT, ``split`` = ``data.train_split`` / ``data.val_spl
   ``ROOT/ImageSets/Main/{split}.txt``; ``difficult`` objects are kept as ``iscrowd`` in the
   COCO view so that they neither count as misses nor as false positives (the VOC convention);
 * segmentation: ``ROOT/{split}/images/*`` + ``ROOT/{split}/masks/<stem>.png``, or VOC
-  ``JPEGImages/`` + ``SegmentationClass/<id>.png`` listed in ``ImageSets/Segmentation/{split}.txt``.
+  ``JPEGImages/`` + ``SegmentationClass/<id>.png`` (``SegmentationClassAug/`` when present there, for
+  the SBD-augmented ``trainaug`` list) listed in ``ImageSets/Segmentation/{split}.txt``.
   Mask PNGs hold class indices (palette or grey); 255 = ignore.
 
 Transforms act on ``(PIL image, target, rng)`` with an explicit ``random.Random`` so that boxes,
@@ -393,7 +394,10 @@ class SegmentationFolder(_DenseBase):
         if not lst.is_file():
             raise FileNotFoundError(f"VOC segmentation list {str(lst)!r} not found")
         ids = [ln.split()[0] for ln in lst.read_text().splitlines() if ln.strip()]
-        pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
+        def mask(i: str) -> Path:  # SBD-augmented masks (trainaug) live in SegmentationClassAug
+            aug = root / "SegmentationClassAug" / f"{i}.png"
+            return aug if aug.is_file() else root / "SegmentationClass" / f"{i}.png"
+        pairs = [(root / "JPEGImages" / f"{i}.jpg", mask(i)) for i in ids]
         return cls(pairs, num_classes, **kw)
 
 
