@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-ROWS = ["kd", "vkd", "kdep", "moco", "smkd", "attnprobe"]
+ROWS = ["kd", "vkd", "kdep", "dense", "moco", "smkd", "attnprobe"]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
