@@ -162,6 +162,7 @@ class IBOT(Method):
     unlabeled_ok = True
     best_metric = "val/fewshot"
     #: few-shot validation: the val split holds its own (novel) classes, not the training classes
+    #: (read by :meth:`build_dataset`)
     val_same_classes = False
     #: the sub-module evaluated and exported (SMKD evaluates the EMA teacher), for ``load_model_from_run``
     export_module = "teacher_backbone"
@@ -215,6 +216,28 @@ class IBOT(Method):
             raise ConfigError(f"method.local_size: {a.local_size} is not a multiple of the patch size {patch}")
         gen = BlockMaskGenerator(a.mask_ratio, a.mask_ratio_var, a.mask_shape)
         return MaskedMultiCrop(mc, gen, patch)
+
+    @classmethod
+    def build_dataset(cls, cfg, split: str, train: bool):
+        """Few-shot splits hold disjoint classes (base classes train, novel classes val/test), so the
+        val/test splits are read with their own class list, never the training classes' (which the
+        default reader enforces). Train: the ImageFolder (or unlabeled folder) with the multi-crop
+        transform; val/test: the ImageFolder with the eval transform, or None when the folder is absent."""
+        from pathlib import Path
+
+        from kdforge.data.datasets import ImageFolderDataset, UnlabeledFolder
+        from kdforge.data.transforms import build_eval_transform
+        folder = Path(cfg.data.root) / split
+        mode = "RGB" if cfg.data.in_chans == 3 else "L"
+        if not train:
+            return ImageFolderDataset(folder, build_eval_transform(cfg.data), cfg.data.on_corrupt, mode) \
+                if folder.is_dir() else None
+        if not folder.is_dir():
+            raise ConfigError(f"data.train_split: {str(folder)!r} is not a folder")
+        tf = cls.train_transform(cfg)
+        if any(p.is_dir() for p in folder.iterdir()):
+            return ImageFolderDataset(folder, tf, cfg.data.on_corrupt, mode)
+        return UnlabeledFolder(folder, tf, cfg.data.on_corrupt, mode)
 
     def train(self, mode: bool = True):
         super().train(mode)
