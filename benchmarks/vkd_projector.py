@@ -8,7 +8,8 @@ For the DeiT-Ti/S → RegNetY-160 shapes (192/384 → 3024) it prints, side by s
   bf16 autocast;
 * the size of the projector's state dict.
 
-Usage: ``python benchmarks/vkd_projector.py [--batch 512] [--steps 5] [--ref-steps 1] [--device cpu]``
+Usage: ``python benchmarks/vkd_projector.py [--batch 512] [--steps 5] [--ref-steps 1] [--device cpu]
+[--shapes 192x3024 384x3024]``
 """
 from __future__ import annotations
 
@@ -64,14 +65,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--ref-steps", type=int, default=1, help="timed steps of the (slow on CPU) reference")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shapes", nargs="+", default=["192x3024", "384x3024"],
+                    help="d_in x d_out pairs (default: DeiT-Ti and DeiT-S -> RegNetY-160)")
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
     device = torch.device(args.device)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch}")
     hdr = f"{'shape':>10} | {'impl':>10} | {'step ms':>8} | {'W/step(2 uses)':>14} | {'err wd-step':>11} | " \
           f"{'err bf16':>9} | {'state MB':>8}"
     print(hdr)
     print("-" * len(hdr))
-    for d_in, d_out in [(192, 3024), (384, 3024)]:
+    for d_in, d_out in shapes:
         torch.manual_seed(0)
         for name in ("ours", "reference"):
             m = (OrthogonalProjector(d_in, d_out) if name == "ours" else reference_projector(d_in, d_out)).to(device)
