@@ -49,6 +49,20 @@ def test_kdep_pipeline(digits_root, tmp_path, tiny):
     log = (ft / "log.txt").read_text()
     assert "warm start from" in log and "student.fc.weight" in log and "student.layer1" not in log
 
+    # the transfer protocol through the evaluation suite (val selects, test once), 1 epoch here
+    from kdforge.methods.kdep import TRANSFER_PROTOCOL, kdep_transfer
+    rep = kdep_transfer(run, sub, tmp_path / "transfer", epochs=1, device="cpu", progress=False)
+    p = rep["protocol"]
+    assert rep["mode"] == "finetune" and rep["epochs"] == 1
+    assert (p["lr"], p["batch_size"], p["weight_decay"], p["milestones"], p["gamma"]) == \
+        (1e-3, 64, 5e-4, [50, 100], 0.1) and p["selection"].startswith("val")
+    assert TRANSFER_PROTOCOL["epochs"] == 150
+    assert 0 <= rep["val_best"] <= 100 and 0 <= rep["test_at_val_best"] <= 100
+    assert json.loads((tmp_path / "transfer" / "transfer.json").read_text())["run"] == str(tmp_path / "transfer")
+    init = load_file(str(tmp_path / "transfer" / "init_backbone.safetensors"))   # the KDEP student, no head
+    student = {k[len("student."):]: v for k, v in ck["model"].items() if k.startswith("student.")}
+    assert set(init) == set(student) and all(torch.equal(init[k], student[k]) for k in init)
+
     # exports: backbone (timm keys == torchvision names for ResNets) and a Detectron2 pickle
     assert main(["export", str(run)]) == 0
     sd = load_file(str(run / "export" / "backbone.safetensors"))
@@ -62,3 +76,11 @@ def test_kdep_pipeline(digits_root, tmp_path, tiny):
     with open(path, "rb") as fh:
         d2 = pickle.load(fh)["model"]
     assert "res5.1.conv2.norm.weight" in d2 and "stem.conv1.weight" in d2 and len(d2) == len(sd)
+    # the same through the CLI: torchvision-named safetensors and the Detectron2 pickle
+    assert main(["export", str(run), "--format", "torchvision"]) == 0
+    assert main(["export", str(run), "--format", "detectron2", "-o", str(tmp_path / "cli_det.pkl")]) == 0
+    tv_cli = load_file(str(run / "export" / "backbone_torchvision.safetensors"))
+    assert set(tv_cli) == set(tv) and all(torch.equal(tv_cli[k], tv[k]) for k in tv)
+    with open(tmp_path / "cli_det.pkl", "rb") as fh:
+        d2_cli = pickle.load(fh)
+    assert set(d2_cli["model"]) == set(d2) and d2_cli["matching_heuristics"] is True

@@ -173,3 +173,29 @@ def test_detectron2_pkl_file(tmp_path):
     assert (w == model.layer2[0].downsample[0].weight.detach().numpy()).all()
     mnv2 = to_detectron2(to_torchvision_state_dict(torchvision.models.mobilenet_v2()), arch="mobilenet_v2")
     assert "features.0.0.weight" in mnv2 and not any(k.startswith("classifier") for k in mnv2)
+
+
+@pytest.mark.parametrize("name,arch,suffix", [("torchvision/resnet18", "resnet18", ".safetensors"),
+                                              ("mobilenetv2_100", "mobilenet_v2", ".pth")])
+def test_export_downstream_files_load_strict_into_torchvision(tmp_path, name, arch, suffix):
+    from safetensors.torch import load_file
+
+    from kdforge.export import export_downstream
+    from kdforge.models import create_model, pooled_features
+    src = _randomize_bn(create_model(name, num_classes=0), seed=6)
+    path = export_downstream(src, "torchvision", tmp_path / f"bb{suffix}")
+    state = load_file(str(path)) if suffix == ".safetensors" else torch.load(path, weights_only=True)
+    dst = torchvision_backbone(arch)
+    dst.load_state_dict(state, strict=True)
+    dst.eval()
+    with torch.no_grad():   # the standard architecture: final ReLU / ReLU6 back, same pooled features
+        torch.testing.assert_close(dst(X), pooled_features(src, X), rtol=1e-4, atol=1e-5)
+    d2 = export_downstream(src, "detectron2", tmp_path / "bb.pkl")
+    with open(d2, "rb") as fh:
+        keys = set(pickle.load(fh)["model"])
+    if arch == "resnet18":
+        assert "res5.1.conv2.norm.weight" in keys and "stem.conv1.norm.running_mean" in keys
+    else:
+        assert keys == set(state)   # MobileNetV2: torchvision keys unchanged
+    with pytest.raises(ValueError, match="format"):
+        export_downstream(src, "onnx", tmp_path / "x")

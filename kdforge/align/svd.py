@@ -240,11 +240,42 @@ class SVDAligner(nn.Module):
         p.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         return p
 
+    @staticmethod
+    def _reference_npy_source(p: Path) -> Optional[tuple]:
+        """``(v_path, mean_path[, singular_values_path])`` when ``p`` names reference ``.npy`` statistics."""
+        if p.is_dir():
+            if (p / "svd.safetensors").is_file():
+                return None
+            if any((p / f"{stem}_v.npy").is_file()
+                   for stem in ("model", "Microsoft-ResNet50", "StandardSP-ImageNet1K-ResNet50")):
+                return (p, None)
+            return None
+        if p.suffix == ".npy":
+            if not p.name.endswith("_v.npy"):
+                raise ValueError(f"{str(p)!r}: give the reference's V file (model_v.npy) or its folder; its "
+                                 "mean (model_feat_mean.npy) is read from the same folder")
+            mean = p.with_name(p.name[: -len("_v.npy")] + "_feat_mean.npy")
+            if not mean.is_file():
+                raise FileNotFoundError(f"reference statistics: {str(mean)!r} (the mean that goes with "
+                                        f"{p.name}) not found")
+            sv = p.with_name(p.name[: -len("_v.npy")] + "_eigen_values.npy")
+            return (p, mean, sv if sv.is_file() else None)
+        return None
+
     @classmethod
     def load(cls, path: str | Path, k: Optional[int] = None) -> "SVDAligner":
-        """Read a file written by :meth:`save` (or a folder holding ``svd.safetensors``)."""
+        """Read a file written by :meth:`save` (or a folder holding ``svd.safetensors``).
+
+        The reference code's statistics are accepted too: a ``*_v.npy`` file (its ``*_feat_mean.npy``
+        next to it) or a folder holding ``model_v.npy`` / ``Microsoft-ResNet50_v.npy`` and the mean, read
+        by :meth:`from_reference_npy` (signs as saved, no per-channel variances, N unknown).
+        """
         from safetensors import safe_open
         p = Path(path)
+        ref = cls._reference_npy_source(p)
+        if ref is not None:
+            obj = cls.from_reference_npy(*ref)
+            return obj.truncated(k) if k is not None else obj
         if p.is_dir():
             p = p / "svd.safetensors"
         if not p.is_file() and p.with_suffix(".safetensors").is_file():

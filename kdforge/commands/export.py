@@ -10,10 +10,13 @@ def add_parser(sub):
                        description="Write the student's backbone weights (no classifier) so that "
                                    "create_model(NAME, num_classes=0) loads them with strict=True.")
     p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("--format", choices=["safetensors", "pth"], default="safetensors")
+    p.add_argument("--format", choices=["safetensors", "pth", "torchvision", "detectron2"], default="safetensors",
+                   help="safetensors/pth: the model's own keys; torchvision: torchvision key names, no classifier "
+                        "(ResNet, MobileNetV2); detectron2: a Detectron2 .pkl (KDEP transfer)")
     p.add_argument("--which", choices=["best", "last"], default="best")
     p.add_argument("--with-head", action="store_true", help="keep the classifier weights")
-    p.add_argument("-o", "--output", help="output file (default RUN/export/backbone.<format>)")
+    p.add_argument("-o", "--output", help="output file (default RUN/export/backbone.<format>; torchvision: "
+                   "backbone_torchvision.safetensors, detectron2: backbone_detectron2.pkl)")
     return p
 
 
@@ -23,11 +26,15 @@ def export_run(run: str, fmt: str = "safetensors", which: str = "best", output: 
 
     from kdforge.models import backbone_state_dict, load_model_from_run
     model, meta = load_model_from_run(run, which=which)
+    base = Path(run) if Path(run).is_dir() else Path(run).parent
+    if fmt in ("torchvision", "detectron2"):
+        from kdforge.export import export_downstream
+        ext = "pkl" if fmt == "detectron2" else "safetensors"
+        return export_downstream(model, fmt, Path(output) if output else base / "export" / f"backbone_{fmt}.{ext}")
     state = {k: v.contiguous() for k, v in (model.state_dict() if with_head else backbone_state_dict(model)).items()}
     lib, arch, kw = model.kdforge_spec
     info = {"kdforge_name": model.kdforge_name, "library": lib, "architecture": arch,
             "kwargs": json.dumps(kw, default=list), "with_head": str(with_head), "method": meta.get("method", "")}
-    base = Path(run) if Path(run).is_dir() else Path(run).parent
     out = Path(output) if output else base / "export" / f"backbone.{fmt}"
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":

@@ -13,6 +13,11 @@ convention, are written to ``OUT`` (safetensors + JSON, see :meth:`SVDAligner.sa
   ``--transform train`` the teacher run's own training augmentation; random transforms are seeded
   per (seed, pass, image), and ``--passes P`` makes P passes with fresh augmentations (more samples
   than feature dimensions when the image set is small).
+* ``--reference-npy PATH`` converts the KDEP reference code's statistics instead of computing them
+  (``model_v.npy`` + ``model_feat_mean.npy`` [+ ``model_eigen_values.npy``], or the renamed
+  ``Microsoft-ResNet50_*.npy``; PATH is the V file or its folder): no teacher pass, the same output
+  format, with TEACHER and DATA recorded as the statistics' provenance. (Training can also read the
+  ``.npy`` files directly: ``method.svd: PATH``.)
 """
 from __future__ import annotations
 
@@ -167,6 +172,25 @@ def compute_kdep_svd(teacher: str, data: str | Path, out: str | Path, weights: O
     return aligner
 
 
+def convert_reference_npy(reference: str | Path, out: str | Path, teacher: str, data: str | Path,
+                          keep: Optional[int] = None):
+    """Reference ``.npy`` statistics -> ``OUT`` (safetensors + JSON); returns the :class:`SVDAligner`."""
+    from kdforge.align.svd import SVDAligner
+    src = Path(reference)
+    spec = SVDAligner._reference_npy_source(src)
+    if spec is None:
+        raise FileNotFoundError(f"kdep-svd --reference-npy: {str(src)!r} is neither a *_v.npy file nor a folder "
+                                "holding model_v.npy (or Microsoft-ResNet50_v.npy)")
+    al = SVDAligner.from_reference_npy(*spec)
+    if keep is not None:
+        al = al.truncated(int(keep))
+    al.meta.update({"teacher": teacher, "data": str(data), "transform": "unknown (reference statistics)",
+                    "source": str(src.resolve()),
+                    "feature": "pooled pre-activation output of the last block"})
+    al.save(_out_path(out))
+    return al
+
+
 def _out_path(out: str | Path) -> Path:
     p = Path(out)
     if p.suffix == ".safetensors":
@@ -206,10 +230,18 @@ def add_parser(sub):
     p.add_argument("--in-chans", type=int, default=None)
     p.add_argument("--max-images", type=int, default=None, help="stop after this many images")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--reference-npy", metavar="PATH", default=None,
+                   help="convert the KDEP reference code's model_v.npy + model_feat_mean.npy (file or folder) "
+                        "instead of running the teacher; TEACHER and DATA are recorded as provenance")
     return p
 
 
 def run(args) -> int:
+    if args.reference_npy:
+        al = convert_reference_npy(args.reference_npy, args.out, args.teacher, args.data, keep=args.keep)
+        print(json.dumps({"out": str(_out_path(args.out)), "dim": al.dim, "components": al.num_components,
+                          "source": al.meta["source"]}))
+        return 0
     al = compute_kdep_svd(args.teacher, args.data, args.out, weights=args.weights, split=args.split,
                           img_size=args.img_size, batch_size=args.batch_size, transform=args.transform,
                           seed=args.seed, device=args.device, num_workers=args.num_workers, keep=args.keep,

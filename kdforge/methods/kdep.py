@@ -258,3 +258,27 @@ class KDEP(Method):
                           if k in self.svd_meta}) if self.svd_meta else ""
         pts_txt = f"PTS(T={a.pts_temperature}, n={a.pts_power})" if a.pts else "no PTS"
         return f"KDEP: alignment={a.alignment}, k={self.k}, {pts_txt}, w={a.loss_weight} {src}".strip()
+
+
+#: KDEP's classification transfer protocol (spec §5.1): full fine-tuning, SGD (momentum 0.9) lr 1e-3,
+#: wd 5e-4, batch 64, 150 epochs, ×0.1 at epochs 50 and 100. Unlike the reference, which reports the
+#: best epoch on the *test* split, the checkpoint is selected on ``val`` and ``test`` is scored once.
+TRANSFER_PROTOCOL = {"mode": "finetune", "epochs": 150, "lr": 1e-3, "batch_size": 64, "weight_decay": 5e-4,
+                     "milestones": [50, 100], "gamma": 0.1}
+
+
+def kdep_transfer(ckpt, data_root, out, **overrides) -> dict:
+    """Fine-tune a (KDEP-pretrained) backbone with :data:`TRANSFER_PROTOCOL` through the evaluation suite
+    (:func:`kdforge.eval.transfer.transfer`: the one trainer, val-based selection, test once).
+
+    ``data_root`` is an ImageFolder with ``train``/``val``/``test`` (``kdforge data cifar ...`` writes
+    CIFAR-10/100 in that layout). ``overrides`` replace protocol values or pass other ``transfer``
+    options (``img_size``, ``device``, ``seed``, ...). The CLI equivalent::
+
+        kdforge eval transfer RUN DATA OUT --mode finetune --epochs 150 --lr 1e-3 --batch-size 64 \\
+            --weight-decay 5e-4 --milestones 50 100 --gamma 0.1
+    """
+    from kdforge.eval.transfer import transfer
+    kw = {**TRANSFER_PROTOCOL, **overrides}
+    mode = kw.pop("mode")
+    return transfer(ckpt, data_root, out, mode, **kw)
