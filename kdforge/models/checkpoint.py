@@ -122,7 +122,12 @@ def load_model_from_run(path: str | Path, which: str = "best", module: str = "st
     ckpt = load_checkpoint(p, which)
     cfg = ckpt["config"]
     mcfg = cfg["model"]
-    n_cls = ckpt.get("num_classes", 0) if num_classes is None else num_classes
+    if num_classes is not None:
+        n_cls = num_classes
+    elif mcfg.get("num_classes") is not None:  # as build_method: model.num_classes wins (unlabeled training data)
+        n_cls = mcfg["num_classes"]
+    else:
+        n_cls = ckpt.get("num_classes", 0)
     head = ckpt.get("student_head", True)
     model = create_model(mcfg["name"], num_classes=n_cls if head else 0, in_chans=cfg["data"]["in_chans"],
                          img_size=cfg["data"]["img_size"], **(mcfg.get("kwargs") or {}))
