@@ -129,3 +129,20 @@ def test_two_process_gloo_ddp_equals_single_process(digits_root, tmp_path, tiny)
     assert a["step"] == b["step"] == single.step == 6
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_resume_takes_hyperparameters_from_the_config_and_state_from_the_checkpoint(digits_root, tmp_path, tiny):
+    import json
+    out = tmp_path / "hp"
+    kw = {"train.epochs": 2, "train.max_steps": 3, "sched.name": "constant", "sched.warmup_epochs": 0,
+          "data.val_split": "null", "model.name": "kdf_resnet_narrow"}
+    train(_cfg(digits_root, out, tiny, **kw))
+    moments = torch.load(out / "last.pt", weights_only=False)["optimizer"]["state"]
+    assert moments  # AdamW moments were saved
+    kw.pop("train.max_steps")
+    train(_cfg(digits_root, out, tiny, resume=True, **{**kw, "optim.lr": 5e-4, "train.max_steps": 4}))
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if '"lr"' in line]
+    assert lrs[:3] == [pytest.approx(1e-3)] * 3 and lrs[3] == pytest.approx(5e-4)   # the new lr after resume
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["optimizer"]["state"][0]["step"] == 4   # moments continued, not restarted
