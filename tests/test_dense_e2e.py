@@ -167,3 +167,19 @@ def test_poly_schedule():
     assert lr_factor(10, 10, "poly") == pytest.approx(0.0)
     # warm-up first, then poly over the rest: step 6 of 10 with 2 warm-up steps -> t = 4/8
     assert lr_factor(6, 10, "poly", warmup_steps=2, power=2.0, min_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.25)
+
+
+def test_export_of_a_detector_run_loads_into_the_plain_backbone(teacher_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from kdforge.models import create_model
+    from kdforge.engine.checkpoint import load_checkpoint
+    out = tmp_path / "bb.safetensors"
+    assert cli.main(["export", str(teacher_run), "--format", "safetensors", "-o", str(out)]) == 0
+    state = load_file(str(out))
+    bb = create_model("kdf_resnet_wide", num_classes=0)
+    bb.load_state_dict(state, strict=True)   # every key of the plain backbone, nothing else
+    ck = load_checkpoint(teacher_run, "best")
+    key = next(k for k in state if k.startswith("layer4.") and k.endswith("conv2.weight"))
+    src = [v for k, v in ck["model"].items() if k.startswith("student.") and k.endswith("." + key)]
+    assert len(src) == 1 and torch.equal(src[0], state[key])   # the trained detector's backbone weights

@@ -20,12 +20,37 @@ def add_parser(sub):
     return p
 
 
+def _backbone_via_method(run: str, which: str):
+    """(backbone model, meta) of a run whose student is not the plain backbone (detector, segmenter),
+    via the method's ``export_backbone``; None for every other run."""
+    from kdforge.engine.checkpoint import find_checkpoint, load_checkpoint
+    from kdforge.engine.trainer import build_method, config_of_checkpoint
+    from kdforge.methods import get_method
+    from kdforge.models import create_model, load_state_dict_checked
+    p = Path(run)
+    if p.is_dir() and not (p / f"{which}.pt").is_file():
+        which = "last"
+    find_checkpoint(p, which)
+    ckpt = load_checkpoint(p, which)
+    if not getattr(get_method(ckpt["method"]), "export_via_method", False):
+        return None
+    cfg = config_of_checkpoint(ckpt)
+    method = build_method(cfg, ckpt["num_classes"], with_teacher=False)
+    student = {k[len("student."):]: v for k, v in ckpt["model"].items() if k.startswith("student.")}
+    load_state_dict_checked(method.student, student, strict=True, source=f"run {run} ({which})")
+    backbone = create_model(cfg.model.name, num_classes=0, in_chans=cfg.data.in_chans, img_size=cfg.data.img_size,
+                            **cfg.model.kwargs)
+    load_state_dict_checked(backbone, method.export_backbone(), strict=True, source=f"{run}: exported backbone")
+    return backbone, {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scaler")}
+
+
 def export_run(run: str, fmt: str = "safetensors", which: str = "best", output: str | None = None,
                with_head: bool = False) -> Path:
     import torch
 
     from kdforge.models import backbone_state_dict, load_model_from_run
-    model, meta = load_model_from_run(run, which=which)
+    dense = _backbone_via_method(run, which)
+    model, meta = dense if dense is not None else load_model_from_run(run, which=which)
     base = Path(run) if Path(run).is_dir() else Path(run).parent
     if fmt in ("torchvision", "detectron2"):
         from kdforge.export import export_downstream

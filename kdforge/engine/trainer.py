@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from kdforge.config import Config, ConfigError, save_config, to_dict
+from kdforge.config import Config, ConfigError, from_dict, save_config, to_dict
 from kdforge.engine import distributed as D
 from kdforge.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from kdforge.engine.logging import RunLogger, setup_console_logging
@@ -137,6 +137,18 @@ def build_teacher(cfg: Config, num_classes: int) -> Optional[nn.Module]:
     n = t.num_classes if t.num_classes is not None else num_classes
     return create_model(t.name, num_classes=n, in_chans=cfg.data.in_chans, img_size=cfg.data.img_size,
                         weights=t.weights, strict=t.strict, **t.kwargs)
+
+
+def config_of_checkpoint(ck: dict) -> Config:
+    """The run's :class:`Config` from a checkpoint, made loadable anywhere: no data-folder check, and no
+    weights / teacher / init_from files (the weights are in the checkpoint; those files may have moved)."""
+    raw = ck["config"]
+    raw = {**raw, "data": {**raw["data"], "require_root": False}}
+    for key in ("model", "teacher"):
+        if raw.get(key):
+            raw[key] = {**raw[key], "weights": None, "checkpoint": None}
+    raw["init_from"] = None
+    return from_dict(Config, raw)
 
 
 def build_method(cfg: Config, num_classes: int, with_teacher: bool = True):
@@ -439,20 +451,13 @@ def train(cfg: Config) -> RunResult:
 def evaluate_run(run: str | Path, split: str = "test", which: str = "best", data_root: Optional[str] = None,
                  device: str = "auto") -> dict[str, float]:
     """Rebuild a run's method from its checkpoint and evaluate it on ``split`` (default: test)."""
-    from kdforge.config import from_dict
     from kdforge.data.datasets import ImageFolderDataset
     from kdforge.data.transforms import build_eval_transform
     p = Path(run)
     if p.is_dir() and not (p / f"{which}.pt").exists():
         which = "last"
     ck = load_checkpoint(p, which)
-    raw = ck["config"]
-    raw = {**raw, "data": {**raw["data"], "require_root": False}}
-    for key in ("model", "teacher"):  # weights are in the checkpoint; files may have moved
-        if raw.get(key):
-            raw[key] = {**raw[key], "weights": None, "checkpoint": None}
-    raw["init_from"] = None
-    cfg = from_dict(Config, raw)
+    cfg = config_of_checkpoint(ck)
     dev = resolve_device(device)
     method = build_method(cfg, ck["num_classes"], with_teacher=False)
     method.load_state_dict(ck["model"])

@@ -62,6 +62,9 @@ class Method(nn.Module):
     student_head: ClassVar[bool] = True
     #: True when the training split may be an unlabeled image folder.
     unlabeled_ok: ClassVar[bool] = False
+    #: True when the student is not the plain backbone (a detector, a segmenter): ``kdforge export``
+    #: then rebuilds the method from the run and takes :meth:`export_backbone`.
+    export_via_method: ClassVar[bool] = False
     #: the validation metric used to keep the ``best`` checkpoint (higher is better).
     best_metric: ClassVar[str] = "val/acc1"
 

@@ -85,6 +85,7 @@ class Detect(Method):
     Config = DetectConfig
     student_head = True            # built with K outputs so the class count reaches __init__; stripped there
     best_metric = "val/AP"
+    export_via_method = True
 
     def __init__(self, cfg, student: nn.Module, teacher: Optional[nn.Module] = None):
         super().__init__(cfg, student, teacher)

@@ -55,6 +55,7 @@ class Segment(Method):
     Config = SegmentConfig
     student_head = True  # the class count arrives through the classifier; stripped in __init__
     best_metric = "val/mIoU"
+    export_via_method = True
 
     def __init__(self, cfg, student: nn.Module, teacher: Optional[nn.Module] = None):
         super().__init__(cfg, student, teacher)
