@@ -117,7 +117,7 @@ def prepare_teacher(ctx: DemoContext, epochs: int) -> None:
 def run_demo(out: str | Path = "runs/demo", rows: Optional[list[str]] = None, quick: bool = False,
              seeds: Optional[list[int]] = None) -> tuple[list[DemoRow], Path]:
     from kdforge.data.digits import write_digits
-    out = Path(out)
+    out = Path(out).resolve()  # rows pass paths inside OUT as overrides; relative ones would resolve against data.root
     out.mkdir(parents=True, exist_ok=True)
     data_root = write_digits(out / "digits")
     ctx = DemoContext(out=out, data_root=data_root, quick=quick,

@@ -46,7 +46,7 @@ def _kdep_backbone(ctx: DemoContext) -> str:
 def run(ctx: DemoContext) -> list[DemoRow]:
     from kdforge.data.converters.digits_detect import write_digits_detect
     data = write_digits_detect(ctx.out / "digits_detect", counts=COUNTS, canvas=CANVAS, scale=SCALE)
-    epochs, t_epochs = (3, 6) if ctx.quick else (6, 12)
+    epochs, t_epochs = (3, 6) if ctx.quick else (6, 8)
     det = ctx.preset("dense/digits_detect_cpu.yaml")
     base = COMMON + [f"data.root={data}", "train.seed=0"]
     teacher, t_test = ctx.train(det, base + ["model.name=kdf_resnet_wide", "teacher=null", f"train.epochs={t_epochs}"],
