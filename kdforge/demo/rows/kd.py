@@ -14,10 +14,13 @@ def run(ctx: DemoContext) -> list[DemoRow]:
     for variant, preset, extra in (
             ("tiny ViT from scratch (CE)", "supervised/digits_cpu.yaml",
              ["model.name=kdf_vit_micro", "optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=0.05"]),
-            ("tiny ViT + logit KD (T=4, α=0.9)", "kd/digits_cpu.yaml", [])):
+            # T=1 rather than the preset's T=4 for this 15-epoch run: measured on 3 seeds (2026-12-01),
+            # T=4 31.9 ± 4.5 %, T=1 47.8 ± 10.0 %, scratch 54.5 ± 6.4 %: in this budget KD does not yet
+            # beat the scratch ViT (an open tuning question, see the README)
+            ("tiny ViT + logit KD (T=1, α=0.9)", "kd/digits_cpu.yaml", ["method.temperature=1"])):
         accs, secs, params = [], 0.0, None
         for seed in ctx.seeds:
-            tag = "scratch" if "scratch" in variant else "kd"
+            tag = "scratch" if "scratch" in variant else "kd_t1"
             over = extra + [PATCH8, f"train.epochs={epochs}", f"train.seed={seed}", "train.val_every=0"]
             res, test = ctx.train(ctx.preset(preset), over, f"kd_row/{tag}_s{seed}")
             accs.append(test["test/acc1"])
