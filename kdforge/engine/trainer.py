@@ -141,13 +141,16 @@ def build_teacher(cfg: Config, num_classes: int) -> Optional[nn.Module]:
 
 def config_of_checkpoint(ck: dict) -> Config:
     """The run's :class:`Config` from a checkpoint, made loadable anywhere: no data-folder check, and no
-    weights / teacher / init_from files (the weights are in the checkpoint; those files may have moved)."""
+    weights / teacher / init_from / ``method.backbone`` files (the weights are in the checkpoint; those files
+    may have moved)."""
     raw = ck["config"]
     raw = {**raw, "data": {**raw["data"], "require_root": False}}
     for key in ("model", "teacher"):
         if raw.get(key):
             raw[key] = {**raw[key], "weights": None, "checkpoint": None}
     raw["init_from"] = None
+    if raw["method"].get("backbone") is not None:  # dense methods: backbone initialisation file
+        raw["method"] = {**raw["method"], "backbone": None}
     return from_dict(Config, raw)
 
 

@@ -412,21 +412,15 @@ def evaluate_fewshot_run(run, split: str = "test", which: str = "best", data_roo
 
     from torch.utils.data import DataLoader
 
-    from kdforge.config import Config, from_dict
     from kdforge.data.datasets import ImageFolderDataset
     from kdforge.data.transforms import build_eval_transform
     from kdforge.engine.checkpoint import load_checkpoint
-    from kdforge.engine.trainer import amp_context, build_method, resolve_device
+    from kdforge.engine.trainer import amp_context, build_method, config_of_checkpoint, resolve_device
     p = Path(run)
     if p.is_dir() and not (p / f"{which}.pt").exists():
         which = "last"
     ck = load_checkpoint(p, which)
-    raw = ck["config"]
-    raw = {**raw, "data": {**raw["data"], "require_root": False}, "init_from": None}
-    for key in ("model", "teacher"):
-        if raw.get(key):
-            raw[key] = {**raw[key], "weights": None, "checkpoint": None}
-    cfg = from_dict(Config, raw)
+    cfg = config_of_checkpoint(ck)
     dev = resolve_device(device)
     method = build_method(cfg, ck["num_classes"], with_teacher=False)
     if not isinstance(method, IBOT):

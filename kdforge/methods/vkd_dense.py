@@ -25,7 +25,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from kdforge.config import ConfigError, require
+from kdforge.config import ConfigError, require, to_dict
 from kdforge.methods.detect import Detect, DetectConfig
 
 
@@ -48,20 +48,13 @@ class VkDDenseConfig(DetectConfig):
 
 def load_detector_from_run(path: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
     """Rebuild the detector (the student) of a ``detect``-family run and load its weights strictly."""
-    from kdforge.config import Config, from_dict
     from kdforge.engine.checkpoint import load_checkpoint
-    from kdforge.engine.trainer import build_method
+    from kdforge.engine.trainer import build_method, config_of_checkpoint
     p = Path(path)
     if p.is_dir() and not (p / f"{which}.pt").exists():
         which = "last"
     ck = load_checkpoint(p, which)
-    raw = ck["config"]
-    raw = {**raw, "data": {**raw["data"], "require_root": False}, "init_from": None}
-    for key in ("model", "teacher"):
-        if raw.get(key):
-            raw[key] = {**raw[key], "weights": None, "checkpoint": None}
-    raw["method"] = {**raw["method"], "backbone": None} if "backbone" in raw["method"] else raw["method"]
-    cfg = from_dict(Config, raw)
+    cfg = config_of_checkpoint(ck)
     method = build_method(cfg, ck["num_classes"], with_teacher=False)
     if not isinstance(method, Detect):
         raise ConfigError(f"teacher.checkpoint: {path} is a {cfg.method_name!r} run, not a detector run "
@@ -69,7 +62,7 @@ def load_detector_from_run(path: str | Path, which: str = "best") -> tuple[nn.Mo
     from kdforge.models.checkpoint import load_state_dict_checked
     state = {k[len("student."):]: v for k, v in ck["model"].items() if k.startswith("student.")}
     load_state_dict_checked(method.student, state, strict=True, source=f"teacher run {path}")
-    return method.student, {"config": raw, "num_classes": ck["num_classes"]}
+    return method.student, {"config": to_dict(cfg), "num_classes": ck["num_classes"]}
 
 
 class VkDDense(Detect):
