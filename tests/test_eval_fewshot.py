@@ -223,3 +223,27 @@ def test_cosine_classifier_episodes_within_half_point_of_loop():
     # and the result is reproducible
     again = evaluate_episodes(x, y, ep, S, "cosine_classifier", seed=4, epochs=epochs)
     assert torch.equal(r.accuracies, again.accuracies)
+
+
+def test_scoring_strategies_break_exact_ties_like_argmax():
+    """Integer rows and scorers make every score exact, with many exact ties between ways: both
+    strategies must count a query correct only when torch.argmax (first index) picks its way."""
+    from kdforge.eval.fewshot import _class_table, _correct_classblock, _correct_gather
+    g = torch.Generator().manual_seed(0)
+    C, n, D, W, E = 6, 5, 3, 4, 50
+    x = torch.randint(0, 2, (C * n, D), generator=g).float()
+    y = torch.arange(C).repeat_interleave(n)
+    ep = sample_episodes(y, W, 1, "all", E, seed=3)
+    queries = ep[..., 1:]
+    w = torch.randint(0, 2, (E, W, D), generator=g).float()
+    w[:, 1] = w[:, 0]                                       # ways 0 and 1 always tie exactly
+    b = torch.zeros(E, W)
+    _, inv, counts, table, pos = _class_table(y)
+    ep_cls = inv[ep[..., 0]]
+    got_c = _correct_classblock(x, queries, w, b, ep_cls, table, counts.tolist(), pos)
+    got_g = _correct_gather(x, queries, w, b)
+    scores = torch.einsum("ewqd,evd->ewqv", x[queries], w)  # (E, W, Q, W)
+    ref = (scores.argmax(-1) == torch.arange(W)[None, :, None]).sum((1, 2))
+    assert int((scores[..., 0] == scores[..., 1]).sum()) > 0   # the ties do occur
+    assert torch.equal(got_c, ref)
+    assert torch.equal(got_g, ref)

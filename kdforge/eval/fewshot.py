@@ -184,14 +184,14 @@ def _sub(n_rows_per_item: int, D: int) -> int:
 
 
 def _prototype_scorers(feats: Tensor, support: Tensor) -> tuple[Tensor, None]:
-    """cos(q, p_w) ranking: p̂_w = normalise(mean_s f_s); support (e, W, S) row indices."""
+    """cos(q, p_w) ranking: p̂_w = normalise(mean_s f_s) = normalise(Σ_s f_s); support (e, W, S) row indices."""
     e, W, S = support.shape
     proto = torch.empty(e, W, feats.shape[1], dtype=feats.dtype, device=feats.device)
     gather = _RowGather(feats)
     step = _sub(W * S, feats.shape[1])
     for s in range(0, e, step):
-        proto[s:s + step] = gather(support[s:s + step]).mean(2)
-    return l2_normalize(proto), None
+        torch.sum(gather(support[s:s + step]), 2, out=proto[s:s + step])    # the sum: same direction as the mean
+    return proto.div_(proto.norm(dim=-1, keepdim=True).clamp_min_(1e-12)), None   # in place: no second big buffer
 
 
 def _logistic_scorers(fhat: Tensor, support: Tensor, C: float, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
@@ -319,24 +319,68 @@ def _correct_gather(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor
 
 def _correct_classblock(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor], ep_cls: Tensor,
                         table: Tensor, counts: list, pos: Tensor) -> Tensor:
-    """Correct counts (e,) scoring whole classes at once; ep_cls (e, W) class index of each way."""
+    """Correct counts (e,) scoring whole classes at once; ep_cls (e, W) class index of each way.
+
+    For class c and the K episodes that use it (as way wk), one matmul scores every row of c against
+    the W scorers of each episode, laid out (n_c, W, K) so that reductions over the ways run on
+    contiguous slabs. A row is correct when argmax over ways (first index on ties, as torch.argmax)
+    equals wk: own > max of the other ways, or own == that max and no earlier way attains it.
+    """
     e, W, Q = queries.shape
-    correct = torch.zeros(e, dtype=torch.long, device=fhat.device)
-    qpos = pos[queries]                                                     # (e, W, Q) position in class
+    D = w.shape[-1]
+    dev = fhat.device
+    correct = torch.zeros(e, dtype=torch.long, device=dev)
+    w_flat = w.reshape(e * W, D)
+    ways = torch.arange(W, device=dev)
+    sel = torch.empty(0, dtype=w.dtype, device=dev)
     for c in torch.unique(ep_cls).tolist():
         ek_all, wk_all = (ep_cls == c).nonzero(as_tuple=True)               # each episode holds c once
-        rows = table[c, :counts[c]]
-        xc = fhat[rows]
-        step = max(1, _BUF_FLOATS // max(1, rows.numel() * W))             # score block ≤ _BUF_FLOATS floats
+        n_c = counts[c]
+        xc = fhat[table[c, :n_c]]
+        step = max(1, _BUF_FLOATS // max(1, n_c * W))                      # score block ≤ _BUF_FLOATS floats
         for s in range(0, ek_all.numel(), step):
             ek, wk = ek_all[s:s + step], wk_all[s:s + step]
-            sc = xc @ w[ek].reshape(-1, w.shape[-1]).T                      # (n_c, K·W)
-            sc = sc.view(rows.numel(), ek.numel(), W)
+            K = ek.numel()
+            if sel.numel() < W * K * D:
+                sel = torch.empty(W * K * D, dtype=w.dtype, device=dev)
+            wsel = sel[:W * K * D].view(W * K, D)
+            torch.index_select(w_flat, 0, (ways[:, None] + ek[None, :] * W).reshape(-1), out=wsel)
+            sc = (xc @ wsel.T).view(n_c, W, K)
             if b is not None:
-                sc = sc + b[ek][None]
-            ok = (sc.argmax(-1) == wk[None, :]).T                           # (K, n_c)
-            correct.index_add_(0, ek, ok.gather(1, qpos[ek, wk]).sum(1))
+                sc += b[ek].T[None]
+            own_idx = wk.view(1, 1, K).expand(n_c, 1, K)
+            own = sc.gather(1, own_idx)                                     # (n_c, 1, K)
+            sc.scatter_(1, own_idx, float("-inf"))
+            other = sc.amax(1, keepdim=True)                                # best other way
+            ok = own > other
+            tie = own == other
+            if bool(tie.any()):                                             # rare: exact tie, first index wins
+                r, _, k = tie.nonzero(as_tuple=True)
+                earlier = (sc[r, :, k] == own[r, 0, k][:, None]) & (ways[None, :] < wk[k][:, None])
+                ok[r, 0, k] = ~earlier.any(1)
+            ok = ok.view(n_c, K).T                                          # (K, n_c)
+            correct.index_add_(0, ek, ok.gather(1, pos_rows(queries, pos, ek, wk)).sum(1))
     return correct
+
+
+def pos_rows(queries: Tensor, pos: Tensor, ek: Tensor, wk: Tensor) -> Tensor:
+    """(K, Q) positions within their class of the queries of way wk of episodes ek."""
+    e, W, Q = queries.shape
+    q = torch.index_select(queries.reshape(e * W, Q), 0, ek * W + wk)
+    return torch.index_select(pos, 0, q.reshape(-1)).view(q.shape)   # index_select: far faster than pos[q]
+
+
+def _way_classes(inv: Tensor, episodes: Tensor, block: int = 256) -> Tensor:
+    """(E, W) class index of each way; raises if a way mixes classes. Checked in blocks of episodes
+    so the (E, W, M) label lookups never materialise at once (30M entries for SMKD's protocol)."""
+    inv32 = inv.to(torch.int32)
+    out = torch.empty(episodes.shape[:2], dtype=torch.long)
+    for s in range(0, episodes.shape[0], block):
+        lab = torch.index_select(inv32, 0, episodes[s:s + block].reshape(-1)).view(-1, *episodes.shape[1:])
+        if bool((lab != lab[..., :1]).any()):
+            raise ValueError("an episode way mixes classes: episodes do not match these labels")
+        out[s:s + block] = lab[..., 0]
+    return out
 
 
 def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, classifier: str = "prototype", *,
@@ -380,10 +424,7 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
     E, W, M = episodes.shape
     Q = M - n_shot
     _, inv, counts, table, pos = _class_table(labels)
-    ep_lab = inv[episodes.cpu()]
-    if bool((ep_lab != ep_lab[..., :1]).any()):
-        raise ValueError("an episode way mixes classes: episodes do not match these labels")
-    ep_cls = ep_lab[..., 0]
+    ep_cls = _way_classes(inv, episodes.cpu())
     srt = ep_cls.sort(dim=1).values
     if W > 1 and bool((srt[:, 1:] == srt[:, :-1]).any()):
         raise ValueError("an episode uses the same class for two ways")
