@@ -69,6 +69,61 @@ def fit_logistic_gram(G: Tensor, y: Tensor, n_classes: int, C: float = 1.0, max_
         return _fit_logistic_gram(G, y, n_classes, C, max_iter, tol, cg_iter)
 
 
+def _newton_step(G, Y, alpha, b, f, p, g_al, g_b, Gg, gnorm2, C, eps, cg_iter, tiny, objective):
+    """One truncated-Newton step (CG on the Hessian, Armijo backtracking) for a batch of problems.
+
+    Returns the new (alpha, b, f) and a mask of the problems whose line search found a decrease.
+    """
+    B = G.shape[0]
+    # Conjugate gradients for H d = g, in (α-coordinates, intercept) with the G inner product.
+    d_al, d_b = torch.zeros_like(alpha), torch.zeros_like(b)
+    r_al, r_b, Gr = g_al.clone(), g_b.clone(), Gg.clone()
+    q_al, q_b, Gq = r_al.clone(), r_b.clone(), Gr.clone()
+    rr = gnorm2.clone()
+    stop = rr.sqrt() * torch.clamp(gnorm2.sqrt().sqrt(), max=0.1).clamp_min(1e-10)  # forcing term
+    for _cg in range(cg_iter):
+        dz = Gq + q_b[:, None, :]
+        u = p * dz - p * (p * dz).sum(-1, keepdim=True)                     # A_i Δz_i
+        h_al = C * u + q_al
+        h_b = C * u.sum(1) + eps * q_b
+        qhq = _sum2(Gq * h_al) + _sum2(q_b * h_b)
+        live = (rr.sqrt() > stop) & (qhq > tiny)
+        a = torch.where(live, rr / qhq.clamp_min(tiny), torch.zeros_like(rr))
+        d_al = d_al + a[:, None, None] * q_al
+        d_b = d_b + a[:, None] * q_b
+        r_al = r_al - a[:, None, None] * h_al
+        r_b = r_b - a[:, None] * h_b
+        Gr = Gr - a[:, None, None] * (G @ h_al)
+        rr_new = _sum2(r_al * Gr) + _sum2(r_b * r_b)
+        if not bool(live.any()):
+            break
+        beta = torch.where(live, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
+        q_al = r_al + beta[:, None, None] * q_al
+        q_b = r_b + beta[:, None] * q_b
+        Gq = Gr + beta[:, None, None] * Gq
+        rr = rr_new
+    slope = _sum2(Gg * d_al) + _sum2(g_b * d_b)                            # ⟨∇f, d⟩ > 0
+    bad = ~(slope > 0)                                                      # CG failed: use the gradient
+    if bool(bad.any()):
+        d_al = torch.where(bad[:, None, None], g_al, d_al)
+        d_b = torch.where(bad[:, None], g_b, d_b)
+        slope = torch.where(bad, gnorm2, slope)
+    t = G.new_ones(B)
+    accepted = torch.zeros(B, dtype=torch.bool, device=G.device)
+    new_al, new_b, new_f = alpha.clone(), b.clone(), f.clone()
+    for _ls in range(40):
+        c_al = alpha - t[:, None, None] * d_al
+        c_b = b - t[:, None] * d_b
+        fc = objective(c_al, c_b, G, Y)
+        ok = (~accepted) & (fc <= f - 1e-4 * t * slope)
+        new_al[ok], new_b[ok], new_f[ok] = c_al[ok], c_b[ok], fc[ok]
+        accepted = accepted | ok
+        if bool(accepted.all()):
+            break
+        t = torch.where(accepted, t, 0.5 * t)
+    return new_al, new_b, new_f, accepted
+
+
 def _fit_logistic_gram(G: Tensor, y: Tensor, n_classes: int, C: float, max_iter: int, tol: float,
                        cg_iter: int) -> tuple[Tensor, Tensor]:
     if G.ndim != 3 or G.shape[1] != G.shape[2] or y.shape != G.shape[:2]:
@@ -83,7 +138,7 @@ def _fit_logistic_gram(G: Tensor, y: Tensor, n_classes: int, C: float, max_iter:
     gtol = tol * max(1.0, C * n)
     tiny = torch.finfo(G.dtype).tiny
 
-    def objective(al: Tensor, bb: Tensor) -> Tensor:
+    def objective(al: Tensor, bb: Tensor, G: Tensor = G, Y: Tensor = Y) -> Tensor:
         ga = G @ al
         z = ga + bb[:, None, :]
         ce = torch.logsumexp(z, -1) - (z * Y).sum(-1)
@@ -101,52 +156,14 @@ def _fit_logistic_gram(G: Tensor, y: Tensor, n_classes: int, C: float, max_iter:
         active = (gnorm2.sqrt() > gtol) & ~stalled
         if not bool(active.any()):
             break
-        # Conjugate gradients for H d = g, in (α-coordinates, intercept) with the G inner product.
-        d_al, d_b = torch.zeros_like(alpha), torch.zeros_like(b)
-        r_al, r_b, Gr = g_al.clone(), g_b.clone(), Gg.clone()
-        q_al, q_b, Gq = r_al.clone(), r_b.clone(), Gr.clone()
-        rr = gnorm2.clone()
-        stop = rr.sqrt() * torch.clamp(gnorm2.sqrt().sqrt(), max=0.1).clamp_min(1e-10)  # forcing term
-        for _cg in range(cg_iter):
-            dz = Gq + q_b[:, None, :]
-            u = p * dz - p * (p * dz).sum(-1, keepdim=True)                 # A_i Δz_i
-            h_al = C * u + q_al
-            h_b = C * u.sum(1) + eps * q_b
-            qhq = _sum2(Gq * h_al) + _sum2(q_b * h_b)
-            live = (rr.sqrt() > stop) & (qhq > tiny)
-            a = torch.where(live, rr / qhq.clamp_min(tiny), torch.zeros_like(rr))
-            d_al = d_al + a[:, None, None] * q_al
-            d_b = d_b + a[:, None] * q_b
-            r_al = r_al - a[:, None, None] * h_al
-            r_b = r_b - a[:, None] * h_b
-            Gr = Gr - a[:, None, None] * (G @ h_al)
-            rr_new = _sum2(r_al * Gr) + _sum2(r_b * r_b)
-            if not bool(live.any()):
-                break
-            beta = torch.where(live, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
-            q_al = r_al + beta[:, None, None] * q_al
-            q_b = r_b + beta[:, None] * q_b
-            Gq = Gr + beta[:, None, None] * Gq
-            rr = rr_new
-        slope = _sum2(Gg * d_al) + _sum2(g_b * d_b)                        # ⟨∇f, d⟩ > 0
-        bad = ~(slope > 0)                                                  # CG failed: use the gradient
-        if bool(bad.any()):
-            d_al = torch.where(bad[:, None, None], g_al, d_al)
-            d_b = torch.where(bad[:, None], g_b, d_b)
-            slope = torch.where(bad, gnorm2, slope)
-        t = G.new_ones(B)
-        accepted = ~active
-        new_al, new_b, new_f = alpha.clone(), b.clone(), f.clone()
-        for _ls in range(40):
-            c_al = alpha - t[:, None, None] * d_al
-            c_b = b - t[:, None] * d_b
-            fc = objective(c_al, c_b)
-            ok = (~accepted) & (fc <= f - 1e-4 * t * slope)
-            new_al[ok], new_b[ok], new_f[ok] = c_al[ok], c_b[ok], fc[ok]
-            accepted = accepted | ok
-            if bool(accepted.all()):
-                break
-            t = torch.where(accepted, t, 0.5 * t)
-        stalled |= ~accepted
-        alpha, b, f = new_al, new_b, new_f
+        # Newton step on the problems still active only (stragglers must not cost the whole batch)
+        idx = active.nonzero().flatten()
+        sub = (lambda t: t.index_select(0, idx)) if idx.numel() < B else (lambda t: t)
+        a_new, b_new, f_new, ok = _newton_step(sub(G), sub(Y), sub(alpha), sub(b), sub(f), sub(p), sub(g_al),
+                                               sub(g_b), sub(Gg), sub(gnorm2), C, eps, cg_iter, tiny, objective)
+        if idx.numel() < B:
+            alpha, b, f = alpha.index_copy(0, idx, a_new), b.index_copy(0, idx, b_new), f.index_copy(0, idx, f_new)
+            stalled = stalled.index_copy(0, idx, stalled.index_select(0, idx) | ~ok)
+        else:
+            alpha, b, f, stalled = a_new, b_new, f_new, stalled | ~ok
     return alpha, b - b.mean(-1, keepdim=True)
