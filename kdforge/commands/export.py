@@ -23,15 +23,12 @@ def add_parser(sub):
 def _backbone_via_method(run: str, which: str):
     """(backbone model, meta) of a run whose student is not the plain backbone (detector, segmenter),
     via the method's ``export_backbone``; None for every other run."""
-    from kdforge.engine.checkpoint import find_checkpoint, load_checkpoint
+    from kdforge.engine.checkpoint import available, load_checkpoint
     from kdforge.engine.trainer import build_method, config_of_checkpoint
     from kdforge.methods import get_method
     from kdforge.models import create_model, load_state_dict_checked
     p = Path(run)
-    if p.is_dir() and not (p / f"{which}.pt").is_file():
-        which = "last"
-    find_checkpoint(p, which)
-    ckpt = load_checkpoint(p, which)
+    ckpt = load_checkpoint(p, available(p, which))
     if not getattr(get_method(ckpt["method"]), "export_via_method", False):
         return None
     cfg = config_of_checkpoint(ckpt)

@@ -43,6 +43,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def available(path: str | os.PathLike, which: str = "best") -> str:
+    """``which`` if ``path`` is a checkpoint file or a run folder holding ``<which>.pt``, else ``"last"``
+    (a run that never validated, or stopped before its first validation, has only ``last.pt``)."""
+    p = Path(path)
+    return which if not p.is_dir() or (p / f"{which}.pt").is_file() else "last"
+
+
 def find_checkpoint(path: str | os.PathLike, which: str = "last") -> Path:
     """A run folder (-> ``RUN/<which>.pt``) or a checkpoint file -> the checkpoint file."""
     p = Path(path)

@@ -7,7 +7,6 @@ resume, logging and the non-finite-loss guard. Methods never touch any of it.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 from kdforge.config import Config, ConfigError, from_dict, save_config, to_dict
 from kdforge.engine import distributed as D
-from kdforge.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from kdforge.engine.checkpoint import atomic_save, available, load_checkpoint, rng_state, set_rng_state
 from kdforge.engine.logging import RunLogger, setup_console_logging
 from kdforge.engine.schedules import cosine_value, lr_factor
 
@@ -265,8 +264,7 @@ def train(cfg: Config) -> RunResult:
     method = build_method(cfg, num_classes)
     if cfg.init_from:
         from kdforge.models.checkpoint import load_state_dict_checked
-        src = load_checkpoint(cfg.init_from, "last" if Path(cfg.init_from).is_dir() and not
-                              (Path(cfg.init_from) / "best.pt").exists() else "best")
+        src = load_checkpoint(cfg.init_from, available(cfg.init_from, "best"))
         rep = load_state_dict_checked(method, src["model"], strict=False, source=f"init_from {cfg.init_from}")
         logger.text(f"warm start from {cfg.init_from}: {rep.summary()}")
     method.to(device)
@@ -450,19 +448,25 @@ def train(cfg: Config) -> RunResult:
                      stopped_early=stopped)
 
 
+def rebuild_method(run: str | Path, which: str = "best"):
+    """A saved run's method, rebuilt without its teacher and without loading weights.
+
+    ``run``: a run folder (``<which>.pt``, falling back to ``last.pt``) or a checkpoint file.
+    Returns ``(method, cfg, checkpoint)``; the caller loads what it needs from ``checkpoint["model"]``.
+    """
+    ck = load_checkpoint(run, available(run, which))
+    cfg = config_of_checkpoint(ck)
+    return build_method(cfg, ck["num_classes"], with_teacher=False), cfg, ck
+
+
 @torch.no_grad()
 def evaluate_run(run: str | Path, split: str = "test", which: str = "best", data_root: Optional[str] = None,
                  device: str = "auto") -> dict[str, float]:
     """Rebuild a run's method from its checkpoint and evaluate it on ``split`` (default: test)."""
     from kdforge.data.datasets import ImageFolderDataset
     from kdforge.data.transforms import build_eval_transform
-    p = Path(run)
-    if p.is_dir() and not (p / f"{which}.pt").exists():
-        which = "last"
-    ck = load_checkpoint(p, which)
-    cfg = config_of_checkpoint(ck)
+    method, cfg, ck = rebuild_method(run, which)
     dev = resolve_device(device)
-    method = build_method(cfg, ck["num_classes"], with_teacher=False)
     method.load_state_dict(ck["model"])
     method.to(dev)
     root = Path(data_root or cfg.data.root)

@@ -77,10 +77,9 @@ def load_backbone(ckpt: str | Path, which: str = "best", module: str = "student"
         data = {"img_size": kw.get("img_size", 224), "in_chans": 3, "mean": (0.485, 0.456, 0.406),
                 "std": (0.229, 0.224, 0.225), "eval_crop_pct": 0.875}
         return model.eval(), data, p
-    from kdforge.engine.checkpoint import find_checkpoint
+    from kdforge.engine.checkpoint import available, find_checkpoint
     from kdforge.models import load_model_from_run
-    if p.is_dir() and not (p / f"{which}.pt").is_file():
-        which = "last"
+    which = available(p, which)
     f = find_checkpoint(p, which)
     model, meta = load_model_from_run(p, which=which, module=module)
     d = meta["config"]["data"]

@@ -414,15 +414,9 @@ def evaluate_fewshot_run(run, split: str = "test", which: str = "best", data_roo
 
     from kdforge.data.datasets import ImageFolderDataset
     from kdforge.data.transforms import build_eval_transform
-    from kdforge.engine.checkpoint import load_checkpoint
-    from kdforge.engine.trainer import amp_context, build_method, config_of_checkpoint, resolve_device
-    p = Path(run)
-    if p.is_dir() and not (p / f"{which}.pt").exists():
-        which = "last"
-    ck = load_checkpoint(p, which)
-    cfg = config_of_checkpoint(ck)
+    from kdforge.engine.trainer import amp_context, rebuild_method, resolve_device
+    method, cfg, ck = rebuild_method(run, which)
     dev = resolve_device(device)
-    method = build_method(cfg, ck["num_classes"], with_teacher=False)
     if not isinstance(method, IBOT):
         raise ConfigError(f"run {run}: method {cfg.method_name!r} is not ibot/smkd")
     method.load_state_dict(ck["model"])

@@ -131,9 +131,8 @@ def moco_view_from_config(args, data_cfg, preset: Optional[str] = None):
 
 def _init_from_file(init_from: str) -> Path:
     """The checkpoint file the trainer reads for ``init_from`` (best.pt if present, else last.pt)."""
-    from kdforge.engine.checkpoint import find_checkpoint
-    p = Path(init_from)
-    return find_checkpoint(p, "best" if not p.is_dir() or (p / "best.pt").exists() else "last")
+    from kdforge.engine.checkpoint import available, find_checkpoint
+    return find_checkpoint(init_from, available(init_from, "best"))
 
 
 class MoCo(Method):

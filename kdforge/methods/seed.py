@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -55,12 +54,9 @@ class TeacherEmbedder(nn.Module):
 
 def load_run_head(run: str, in_dim: int) -> Optional[MoCoHead]:
     """The projection head (``head.*``) of a kdforge ``moco``/``seed`` run, or None if it has none."""
-    from kdforge.engine.checkpoint import find_checkpoint, load_checkpoint
+    from kdforge.engine.checkpoint import available, load_checkpoint
     from kdforge.models.checkpoint import load_state_dict_checked
-    p = Path(run)
-    which = "best" if not p.is_dir() or (p / "best.pt").exists() else "last"
-    find_checkpoint(p, which)
-    ck = load_checkpoint(p, which)
+    ck = load_checkpoint(run, available(run, "best"))
     state = {k[len("head."):]: v for k, v in ck["model"].items() if k.startswith("head.")}
     if not state:
         return None

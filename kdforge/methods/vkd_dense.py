@@ -48,14 +48,8 @@ class VkDDenseConfig(DetectConfig):
 
 def load_detector_from_run(path: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
     """Rebuild the detector (the student) of a ``detect``-family run and load its weights strictly."""
-    from kdforge.engine.checkpoint import load_checkpoint
-    from kdforge.engine.trainer import build_method, config_of_checkpoint
-    p = Path(path)
-    if p.is_dir() and not (p / f"{which}.pt").exists():
-        which = "last"
-    ck = load_checkpoint(p, which)
-    cfg = config_of_checkpoint(ck)
-    method = build_method(cfg, ck["num_classes"], with_teacher=False)
+    from kdforge.engine.trainer import rebuild_method
+    method, cfg, ck = rebuild_method(path, which)
     if not isinstance(method, Detect):
         raise ConfigError(f"teacher.checkpoint: {path} is a {cfg.method_name!r} run, not a detector run "
                           "(detect / vkd_dense)")

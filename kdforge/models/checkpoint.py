@@ -113,13 +113,10 @@ def load_model_from_run(path: str | Path, which: str = "best", module: str = "st
     """Rebuild a model saved by a kdforge run: ``RUN`` folder (``best.pt``, falling back to
     ``last.pt``) or a checkpoint file. Returns ``(model, checkpoint_meta)``; ``module`` selects the
     sub-module of the method whose weights are loaded (``student`` by default)."""
-    from kdforge.engine.checkpoint import find_checkpoint, load_checkpoint
+    from kdforge.engine.checkpoint import available, load_checkpoint
     from kdforge.models.factory import create_model
     p = Path(path)
-    if p.is_dir() and not (p / f"{which}.pt").is_file():
-        which = "last"
-    find_checkpoint(p, which)
-    ckpt = load_checkpoint(p, which)
+    ckpt = load_checkpoint(p, available(p, which))
     cfg = ckpt["config"]
     mcfg = cfg["model"]
     if num_classes is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 #: activation module types whose input is the pre-activation map.
