@@ -244,8 +244,9 @@ def _maybe_split(a, name):
     return None if name in (None, "none", "") or not (Path(a.data) / name).is_dir() else name
 
 
-def _run_knn(a) -> int:
-    from kdforge.eval import best_nn
+def _train_test_val(a):
+    """Features of the train and test splits, and of the val split when it exists: (tr, te, val split
+    name or None, (val features, val labels) or None); test/val labels indexed by train's classes."""
     tr = _feats(a, a.train_split)
     te = _feats(a, a.test_split, classes=tr["classes"])
     vs = _maybe_split(a, a.val_split)
@@ -253,6 +254,12 @@ def _run_knn(a) -> int:
     if vs is not None:
         v = _feats(a, vs, classes=tr["classes"])
         val = (v["features"], v["labels"])
+    return tr, te, vs, val
+
+
+def _run_knn(a) -> int:
+    from kdforge.eval import best_nn
+    tr, te, vs, val = _train_test_val(a)
     res = best_nn(tr["features"], tr["labels"], te["features"], te["labels"], k_max=a.k_max,
                   rep_space=a.rep_space, val=val, weighted=a.weighted, T=a.T, backend=a.backend)
     out = {"ckpt": a.ckpt, "tap": a.tap, "train_split": a.train_split, "test_split": a.test_split,
@@ -262,13 +269,7 @@ def _run_knn(a) -> int:
 
 def _run_linear(a) -> int:
     from kdforge.eval import linear_probe
-    tr = _feats(a, a.train_split)
-    te = _feats(a, a.test_split, classes=tr["classes"])
-    vs = _maybe_split(a, a.val_split)
-    val = None
-    if vs is not None:
-        v = _feats(a, vs, classes=tr["classes"])
-        val = (v["features"], v["labels"])
+    tr, te, vs, val = _train_test_val(a)
     res = linear_probe(tr["features"], tr["labels"], te["features"], te["labels"], val=val, wd=a.wd,
                        max_iter=a.max_iter)
     out = {"ckpt": a.ckpt, "tap": a.tap, "train_split": a.train_split, "test_split": a.test_split,

@@ -147,8 +147,14 @@ def cifar_fs_split() -> dict[str, str]:
 
 
 def add_parser(sub):
-    p = sub.add_parser("cifar-fs", help="CIFAR-FS few-shot split (64/16/20 classes) from the CIFAR-100 pickle",
-                       description="Write CIFAR-FS (Bertinetto et al. 2019) as OUT/{train,val,test}/<class>/*.png "
+    return add_fewshot_split_parser(sub, "cifar-fs", "CIFAR-FS few-shot split (64/16/20 classes)",
+                                    "CIFAR-FS (Bertinetto et al. 2019)")
+
+
+def add_fewshot_split_parser(sub, name: str, help_: str, title: str):
+    """The shared CLI of the CIFAR-100-derived few-shot splits (SRC OUT [--size])."""
+    p = sub.add_parser(name, help=f"{help_} from the CIFAR-100 pickle",
+                       description=f"Write {title} as OUT/{{train,val,test}}/<class>/*.png "
                                    "from cifar-100-python (folder or .tar.gz).")
     p.add_argument("src", help="cifar-100-python folder or cifar-100-python.tar.gz")
     p.add_argument("out", help="output folder")

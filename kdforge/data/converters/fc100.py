@@ -7,7 +7,7 @@ FC100 splits CIFAR-100 by *super-class* so that train and test classes are seman
 """
 from __future__ import annotations
 
-from kdforge.data.converters.cifar_fs import load_cifar100, write_cifar_split
+from kdforge.data.converters.cifar_fs import add_fewshot_split_parser, load_cifar100, write_cifar_split
 
 #: FC100 super-class split (CIFAR-100 coarse label names).
 FC100_TRAIN = ("fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
@@ -33,13 +33,8 @@ def fc100_split(data: dict) -> dict[str, str]:
 
 
 def add_parser(sub):
-    p = sub.add_parser("fc100", help="FC100 few-shot split (12/4/4 super-classes) from the CIFAR-100 pickle",
-                       description="Write FC100 (Oreshkin et al. 2018) as OUT/{train,val,test}/<class>/*.png "
-                                   "from cifar-100-python (folder or .tar.gz).")
-    p.add_argument("src", help="cifar-100-python folder or cifar-100-python.tar.gz")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--size", type=int, default=None, help="resize to SIZE×SIZE (bicubic), e.g. 84; default 32")
-    return p
+    return add_fewshot_split_parser(sub, "fc100", "FC100 few-shot split (12/4/4 super-classes)",
+                                    "FC100 (Oreshkin et al. 2018)")
 
 
 def run(args) -> int:
