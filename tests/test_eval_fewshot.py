@@ -247,3 +247,29 @@ def test_scoring_strategies_break_exact_ties_like_argmax():
     assert int((scores[..., 0] == scores[..., 1]).sum()) > 0   # the ties do occur
     assert torch.equal(got_c, ref)
     assert torch.equal(got_g, ref)
+
+
+@pytest.mark.parametrize("strategy", ["gather", "classblock"])
+def test_prototype_near_ties_are_decided_in_exact_arithmetic(strategy):
+    """Queries placed within ~1e-8 of the bisector of two prototypes: float32 scoring gets some of them
+    wrong (checked), kdforge must return the decisions of float64 (exact) arithmetic on the same rows."""
+    g = torch.Generator().manual_seed(0)
+    D, Q = 64, 200
+    u, v = torch.randn(2, D, generator=g, dtype=torch.float64)
+    u, v = u.float().double(), v.float().double()                     # exactly representable supports
+    d = F.normalize(u, dim=0) - F.normalize(v, dim=0)
+    r = torch.randn(2 * Q, D, generator=g, dtype=torch.float64) + 2 * (u + v)
+    r = r - (r @ d)[:, None] * d / (d @ d) + 1e-9 * torch.randn(2 * Q, 1, generator=g, dtype=torch.float64) * d
+    x = torch.cat([u[None], r[:Q], v[None], r[Q:]]).float()             # class 0: u + Q rows, class 1: v + Q rows
+    y = torch.arange(2).repeat_interleave(Q + 1)
+    ep = torch.stack([torch.arange(Q + 1), torch.arange(Q + 1, 2 * Q + 2)])[None]      # (1, 2, 1 + Q)
+
+    def decide(feats):
+        p = F.normalize(feats[ep[0, :, 0]], dim=-1)
+        q = F.normalize(feats[ep[0, :, 1:].reshape(-1)], dim=-1)
+        return (q @ p.T).argmax(1) == torch.arange(2).repeat_interleave(Q)
+
+    exact, fp32 = decide(x.double()), decide(x)
+    assert bool((exact != fp32).any())                                   # float32 alone does flip some
+    r_ = evaluate_episodes(x, y, ep, 1, strategy=strategy)
+    assert r_.accuracies[0].item() == pytest.approx(100.0 * exact.double().mean().item(), abs=1e-12)
