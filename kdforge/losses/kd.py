@@ -13,13 +13,19 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4
     (``reduction="batchmean"``); the T² factor keeps gradient magnitudes comparable across T.
     Computed in float32 even under autocast.
     """
+    return kd_kl_rows(student_logits, teacher_logits, temperature, "kd_kl").mean()
+
+
+def kd_kl_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
+               name: str = "kd_kl_rows") -> Tensor:
+    """Per-sample ``T² · KL(softmax(t_b/T) ‖ softmax(s_b/T))``: logits (B, K) -> (B,) float32."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"kd_kl: student logits {tuple(student_logits.shape)} vs teacher "
+        raise ValueError(f"{name}: student logits {tuple(student_logits.shape)} vs teacher "
                          f"{tuple(teacher_logits.shape)}; the two models must predict the same classes")
     T = float(temperature)
     log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+    return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1) * (T * T)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdforge.losses.kd import kd_kl_rows
+
 NORMALIZE = ("channel", "token")
 
 
@@ -153,12 +155,6 @@ def robust_kd_kl(student_logits: Tensor, teacher_logits: Tensor, class_weights: 
     this equals :func:`kdforge.losses.kd_kl`. Logits (B, K) -> 0-d float32. (The reference keeps
     an unseeded randomly perturbed copy of the weights; the weights are used as given here.)
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"robust_kd_kl: student logits {tuple(student_logits.shape)} vs teacher "
-                         f"{tuple(teacher_logits.shape)}")
-    T = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)                              # (B,)
+    kl = kd_kl_rows(student_logits, teacher_logits, temperature, "robust_kd_kl")    # (B,), T² included
     w = class_weights.to(kl.device, kl.dtype)[teacher_logits.argmax(-1)]
-    return (w * kl).mean() * (T * T)
+    return (w * kl).mean()
