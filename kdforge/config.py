@@ -70,6 +70,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:                     # Optional[X]: X's own message names the real problem
+            raise errors[0]
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -226,6 +228,11 @@ class ModelConfig:
             p = getattr(self, key)
             if p is not None:
                 require(os.path.exists(p), _k(prefix, key), "an existing file or run folder", p)
+        for k in self.kwargs:
+            if not (isinstance(k, str) and k.isidentifier()):
+                hint = (f"; in a YAML flow mapping put a space after the colon: {{{k.replace(':', ': ', 1)}}}"
+                        if isinstance(k, str) and ":" in k else "")
+                raise ConfigError(f"{_k(prefix, 'kwargs')}: {k!r} is not a constructor argument name{hint}")
 
 
 @dataclass

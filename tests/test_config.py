@@ -65,3 +65,26 @@ def test_saved_config_round_trips(digits_root, tmp_path):
     again = load_config(tmp_path / "c.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["optim"]["lr"] == 0.02
+
+
+def test_optional_section_error_names_the_inner_problem(tmp_path):
+    """A bad value inside an optional section (teacher: ModelConfig | null) reports the inner key and
+    what is wrong with it, not just 'expected ModelConfig | null'."""
+    from kdforge.config import ConfigError, load_config
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: {name: kd}\nmodel: {name: kdf_resnet_narrow}\n"
+                   f"teacher: {{name: kdf_resnet_wide, checkpoint: {tmp_path / 'nope'}}}\n"
+                   f"data: {{root: {tmp_path}, require_root: false}}\n")
+    with pytest.raises(ConfigError, match=r"teacher\.checkpoint: expected an existing file or run folder"):
+        load_config(str(cfg), [])
+
+
+def test_model_kwargs_yaml_colon_pitfall_is_an_error(tmp_path):
+    """{patch_size:8} (no space) is YAML for {'patch_size:8': None}, which timm would silently drop."""
+    from kdforge.config import ConfigError, load_config
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name: kdf_vit_micro}}\ndata: {{root: {tmp_path}, require_root: false}}\n")
+    with pytest.raises(ConfigError, match=r"model\.kwargs: 'patch_size:8' is not a constructor argument name.*"
+                                          r"\{patch_size: 8\}"):
+        load_config(str(cfg), ["model.kwargs={patch_size:8}"])
+    assert load_config(str(cfg), ["model.kwargs={patch_size: 8}"]).model.kwargs == {"patch_size": 8}
