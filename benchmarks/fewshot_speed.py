@@ -154,7 +154,7 @@ def main(argv=None):
     print("\nsummary (seconds for the full episode count; loops extrapolated from a prefix):")
     print(f"{'protocol':26s} {'kdforge':>9s} {'loop':>9s} {'speed-up':>9s}")
     for name, _, t_k, t_l, _, _, _ in rows:
-        print(f"{name:26s} {t_k:9.2f} {t_l:9.1f} {t_l / t_k:8.0f}x")
+        print(f"{name:26s} {t_k:9.3f} {t_l:9.1f} {t_l / t_k:8.1f}x")
 
 
 if __name__ == "__main__":

@@ -240,8 +240,9 @@ def test_scoring_strategies_break_exact_ties_like_argmax():
     b = torch.zeros(E, W)
     _, inv, counts, table, pos = _class_table(y)
     ep_cls = inv[ep[..., 0]]
-    got_c = _correct_classblock(x, queries, w, b, ep_cls, table, counts.tolist(), pos)
-    got_g = _correct_gather(x, queries, w, b)
+    one = torch.ones(x.shape[0])                            # raw rows (argmax is scale-free with b = 0)
+    got_c = _correct_classblock(x, one, queries, w, b, ep_cls, table, counts.tolist(), pos)
+    got_g = _correct_gather(x, one, queries, w, b)
     scores = torch.einsum("ewqd,evd->ewqv", x[queries], w)  # (E, W, Q, W)
     ref = (scores.argmax(-1) == torch.arange(W)[None, :, None]).sum((1, 2))
     assert int((scores[..., 0] == scores[..., 1]).sum()) > 0   # the ties do occur
@@ -273,3 +274,20 @@ def test_prototype_near_ties_are_decided_in_exact_arithmetic(strategy):
     assert bool((exact != fp32).any())                                   # float32 alone does flip some
     r_ = evaluate_episodes(x, y, ep, 1, strategy=strategy)
     assert r_.accuracies[0].item() == pytest.approx(100.0 * exact.double().mean().item(), abs=1e-12)
+
+
+def test_single_thread_only_when_cores_are_busy(monkeypatch):
+    import kdforge.eval._common as common
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        t = torch.zeros(1)
+        monkeypatch.setattr(common, "_cores_busy", lambda: True)
+        with common.single_thread(t):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(common, "_cores_busy", lambda: False)
+        with common.single_thread(t):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n0)

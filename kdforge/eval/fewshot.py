@@ -197,24 +197,31 @@ def _prototype_scorers(feats: Tensor, support: Tensor) -> tuple[Tensor, None]:
     return proto.div_(proto.norm(dim=-1, keepdim=True).clamp_min_(1e-12)), None   # in place: no second big buffer
 
 
-def _logistic_scorers(fhat: Tensor, support: Tensor, C: float, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
-    """sklearn-objective logistic regression per episode on L2-normalised support rows."""
+def _logistic_scorers(feats: Tensor, rinv: Tensor, support: Tensor, C: float, max_iter: int,
+                      tol: float) -> tuple[Tensor, Tensor]:
+    """sklearn-objective logistic regression per episode on L2-normalised support rows.
+
+    The rows are never normalised in memory: with r = 1/‖x‖, Ĝ = (X Xᵀ) ⊙ r rᵀ and W = (α ⊙ r)ᵀ X.
+    """
     e, W, S = support.shape
     n = W * S
+    dev, dt = feats.device, feats.dtype
     flat = support.reshape(e, n)
-    y = torch.arange(W, device=fhat.device).repeat_interleave(S).expand(e, n)
-    G = torch.empty(e, n, n, dtype=fhat.dtype, device=fhat.device)
-    gather = _RowGather(fhat)
-    step = _sub(n, fhat.shape[1])
+    r = rinv[flat]                                                          # (e, n)
+    y = torch.arange(W, device=dev).repeat_interleave(S).expand(e, n)
+    G = torch.empty(e, n, n, dtype=dt, device=dev)
+    gather = _RowGather(feats)
+    step = _sub(n, feats.shape[1])
     for s in range(0, e, step):
         xs = gather(flat[s:s + step])
         torch.matmul(xs, xs.transpose(1, 2), out=G[s:s + step])
+    G.mul_(r[:, :, None] * r[:, None, :])
     alpha, b = fit_logistic_gram(G, y, W, C=C, max_iter=max_iter, tol=tol)
-    alpha = alpha.to(fhat.dtype)
-    w = torch.empty(e, W, fhat.shape[1], dtype=fhat.dtype, device=fhat.device)
+    alpha = (alpha.to(dt) * r[:, :, None]).transpose(1, 2).contiguous()     # (e, W, n) on the raw rows
+    w = torch.empty(e, W, feats.shape[1], dtype=dt, device=dev)
     for s in range(0, e, step):
-        torch.matmul(alpha[s:s + step].transpose(1, 2), gather(flat[s:s + step]), out=w[s:s + step])
-    return w, b.to(fhat.dtype)
+        torch.matmul(alpha[s:s + step], gather(flat[s:s + step]), out=w[s:s + step])
+    return w, b.to(dt)
 
 
 def _sgd_update(p: Tensor, grad: Tensor, buf: Optional[Tensor], lr: float, momentum: float, dampening: float,
@@ -327,35 +334,38 @@ def _exact_correct(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor) ->
     return sc.argmax(1) == target
 
 
-def _correct_gather(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor], recheck=None) -> Tensor:
-    """Correct counts (e,) by gathering each episode's queries; queries (e, W, Q). Queries whose two best
-    scores are within :func:`_near` are decided again by ``recheck(rows, episodes, targets)`` (float64;
-    default: these scorers in float64)."""
+def _correct_gather(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor],
+                    recheck=None) -> Tensor:
+    """Correct counts (e,) by gathering each episode's queries; queries (e, W, Q); rinv (N,) = 1/‖x‖
+    normalises the scores of the raw rows. Queries whose two best scores are within :func:`_near` are
+    decided again by ``recheck(rows, episodes, targets)`` (float64; default: these scorers in float64)."""
     e, W, Q = queries.shape
-    gather = _RowGather(fhat)
-    target = torch.arange(W, device=fhat.device).repeat_interleave(Q)
-    correct = torch.empty(e, dtype=torch.long, device=fhat.device)
+    dev = feats.device
+    gather = _RowGather(feats)
+    target = torch.arange(W, device=dev).repeat_interleave(Q)
+    correct = torch.empty(e, dtype=torch.long, device=dev)
     near = _near(w, b)
-    step = _sub(W * Q, fhat.shape[1])
+    step = _sub(W * Q, feats.shape[1])
     for s in range(0, e, step):
-        xq = gather(queries[s:s + step].reshape(-1, W * Q))               # (e', W·Q, D)
-        scores = xq @ w[s:s + step].transpose(1, 2)
+        rows = queries[s:s + step].reshape(-1, W * Q)
+        xq = gather(rows)                                                   # (e', W·Q, D) raw rows
+        scores = (xq @ w[s:s + step].transpose(1, 2)).mul_(rinv[rows][..., None])
         if b is not None:
-            scores = scores + b[s:s + step, None, :]
+            scores += b[s:s + step, None, :]
         ok = scores.argmax(-1) == target                                    # (e', W·Q)
         if W > 1:
             top = scores.topk(2, dim=-1).values
             i, q = ((top[..., 0] - top[..., 1]) < near[s:s + step, None]).nonzero(as_tuple=True)
             if i.numel():
-                rows = queries[s:s + step].reshape(-1, W * Q)[i, q]
-                ok[i, q] = (recheck(rows, s + i, target[q]) if recheck is not None else
-                            _exact_correct(xq[i, q], w[s + i], None if b is None else b[s + i], target[q]))
+                ok[i, q] = (recheck(rows[i, q], s + i, target[q]) if recheck is not None else
+                            _exact_correct(l2_normalize(feats[rows[i, q]].double()), w[s + i],
+                                           None if b is None else b[s + i], target[q]))
         correct[s:s + step] = ok.sum(1)
     return correct
 
 
-def _correct_classblock(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor], ep_cls: Tensor,
-                        table: Tensor, counts: list, pos: Tensor, recheck=None) -> Tensor:
+def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor],
+                        ep_cls: Tensor, table: Tensor, counts: list, pos: Tensor, recheck=None) -> Tensor:
     """Correct counts (e,) scoring whole classes at once; ep_cls (e, W) class index of each way.
 
     For class c and the K episodes that use it (as way wk), a row x of c is correct when the argmax
@@ -367,7 +377,7 @@ def _correct_classblock(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Te
     """
     e, W, Q = queries.shape
     D = w.shape[-1]
-    dev = fhat.device
+    dev = feats.device
     correct = torch.zeros(e, dtype=torch.long, device=dev)
     if W == 1:                                                              # one way: every query is right
         return torch.full((e,), Q, dtype=torch.long, device=dev)
@@ -378,7 +388,8 @@ def _correct_classblock(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Te
     for c in torch.unique(ep_cls).tolist():
         ek_all, wk_all = (ep_cls == c).nonzero(as_tuple=True)               # each episode holds c once
         n_c = counts[c]
-        xc = fhat[table[c, :n_c]]
+        rows_c = table[c, :n_c]
+        xc = feats[rows_c] * rinv[rows_c, None]                             # the class's rows, normalised
         step = max(1, _BUF_FLOATS // max(1, n_c * (W - 1)))                # score block ≤ _BUF_FLOATS floats
         for s in range(0, ek_all.numel(), step):
             ek, wk = ek_all[s:s + step], wk_all[s:s + step]
@@ -399,7 +410,8 @@ def _correct_classblock(fhat: Tensor, queries: Tensor, w: Tensor, b: Optional[Te
             r, k = (low.abs() < near[ek][None, :]).nonzero(as_tuple=True)   # near-ties and exact ties
             if r.numel():
                 ok[r, k] = (recheck(table[c, r], ek[k], wk[k]) if recheck is not None else
-                            _exact_correct(xc[r], w[ek[k]], None if b is None else b[ek[k]], wk[k]))
+                            _exact_correct(l2_normalize(feats[rows_c[r]].double()), w[ek[k]],
+                                           None if b is None else b[ek[k]], wk[k]))
             ok = ok.T                                                       # (K, n_c)
             correct.index_add_(0, ek, ok.gather(1, pos_rows(queries, pos, ek, wk)).sum(1))
     return correct
@@ -492,7 +504,7 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
         chunk = max(1, min(E, (8 * 2**20) // (W * D)))
     if classifier == "cosine_classifier":   # chunks hold whole RNG blocks
         chunk = max(_FIT_BLOCK, (chunk // _FIT_BLOCK) * _FIT_BLOCK)
-    fhat = l2_normalize(feats)
+    rinv = 1.0 / torch.linalg.vector_norm(feats, dim=1).clamp_min(1e-12)     # rows are normalised on use
     episodes_d = episodes.to(dev)
     if strategy == "classblock":
         table_d, counts_l, pos_d, ep_cls_d = table.to(dev), counts.tolist(), pos.to(dev), ep_cls.to(dev)
@@ -503,7 +515,7 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
         if classifier == "prototype":
             w, b = _prototype_scorers(feats, support)
         elif classifier == "logistic":
-            w, b = _logistic_scorers(fhat, support, C, max_iter, tol)
+            w, b = _logistic_scorers(feats, rinv, support, C, max_iter, tol)
         else:
             e = ep.shape[0]
             w = torch.empty(e, W, D, dtype=feats.dtype, device=dev)
@@ -520,9 +532,9 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
             b = None
         recheck = _prototype_recheck(feats, support) if classifier == "prototype" else None
         if strategy == "gather":
-            correct[s:s + chunk] = _correct_gather(fhat, queries, w, b, recheck).cpu()
+            correct[s:s + chunk] = _correct_gather(feats, rinv, queries, w, b, recheck).cpu()
         else:
-            correct[s:s + chunk] = _correct_classblock(fhat, queries, w, b, ep_cls_d[s:s + chunk], table_d,
+            correct[s:s + chunk] = _correct_classblock(feats, rinv, queries, w, b, ep_cls_d[s:s + chunk], table_d,
                                                        counts_l, pos_d, recheck).cpu()
     acc = correct.double() * (100.0 / (W * Q))
     mean, ci = mean_ci95(acc)
