@@ -1,8 +1,9 @@
 """The recipes of the KD and VkD demo rows: every run of a row resolves to the intended config (the
 variants differ only in their loss terms), and the CPU-sized students build and run a forward pass.
 
-The rows' overrides are YAML strings; ``{patch_size:8}`` (no space) would silently parse as a key
-``"patch_size:8"`` and keep the preset's patch 4, so the resolved model kwargs are checked here.
+The rows' overrides are YAML strings, so the resolved model kwargs are checked here (``{patch_size:8}``
+without a space used to parse as a key ``"patch_size:8"`` and keep the preset's patch 4; the config
+now rejects such keys, see tests/test_config.py).
 """
 from pathlib import Path
 
