@@ -73,10 +73,11 @@ class DemoContext:
         return res, (evaluate_run(run_dir, "test") if evaluate else {})
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 1) -> str:
+    """``"m ± s"`` (population std) with ``digits`` decimals; a single value alone."""
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
 
 
 def render(rows: list[DemoRow]) -> str:
