@@ -14,6 +14,24 @@ To fit the demo budget (≤ 90 s on 2 CPU cores for the data, the teacher and th
 canvases are 48 px with 10-20 px digits, the FPN is 32 wide, 160 training canvases, a few epochs,
 no per-epoch validation (the last epoch is scored on the test split). The teacher is trained once
 (seed 0); each student is trained with every demo seed and reported as mean ± std.
+
+Measured 2026-12-01 (``kdforge demo --rows dense``, 2 CPU cores, default threads; test split, seeds 0,1,2):
+teacher 8.79 AP; scratch 5.13 ± 0.53, VkD dense 4.64 ± 0.41, KDEP 5.26 ± 0.76; row 51 s. VkD dense does
+**not** beat scratch here, and no recipe tried within the budget made it (all with OMP_NUM_THREADS=1,
+where this same recipe gives teacher 7.59, scratch 4.91 ± 0.42 vs VkD 5.06 ± 0.37 — the seed/thread noise, ~0.4 AP,
+is as large as any effect):
+
+* loss weight at 6 epochs: 0.03 / 0.1 / 0.2 / 0.5 / 4 -> 4.57 / 5.43 / 4.74 / 5.16 / 5.06 (scratch 4.91);
+  at init the weighted KD gradient on the student backbone+FPN is ~36x the detection gradient at
+  weight 4 (norms 13.2 unweighted vs 1.45), half of it from the 1x1 P6/P7 maps;
+* 10 student epochs (scratch 6.81 ± 0.27): VkD weight 1 6.14; P3 only 6.31; P3-P5 only 6.20
+  (level selection by a patched loss, not an option of the method);
+* stronger teacher (backbone from the demo's teacher CNN: 24 epochs AP 9.87, 12 epochs 7.97), 10 student
+  epochs: weight 0.1 / 0.3 / 1 / 4 -> 6.25 / 6.71 / 6.18 / 6.33; weight 0 (same method, no KD) 6.50;
+  the 12-epoch one, 6 student epochs: weight 0.5 / 2 -> 4.78 / 4.81.
+No bug was found in the dense path (teacher in eval mode, same padded input, padding masks, projectors
+in the optimiser). With FCOS's default ranges every 10-20 px digit is assigned to P3, the heads' GroupNorm
+sees 1x1 maps on P6/P7, and 60-100 steps leave the student far from using the teacher's features.
 """
 from __future__ import annotations
 
