@@ -20,11 +20,12 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     from kdforge import __version__
+    from kdforge.methods import available_methods
     parser = argparse.ArgumentParser(
         prog="kdforge",
-        description="Distil big vision models into strong small ones: train (supervised, kd, vkd, kdep, moco, "
-                    "seed, ibot, smkd, attnprobe), evaluate (few-shot, kNN, linear, retrieval, geometry, "
-                    "transfer, t-SNE), select wild data, export weights.",
+        description="Distil big vision models into strong small ones: train ("
+                    + ", ".join(available_methods()) + "), evaluate (few-shot, kNN, linear, retrieval, "
+                    "geometry, transfer, t-SNE), select wild data, export weights.",
         epilog="Start with 'kdforge demo' or 'kdforge data digits runs/digits && kdforge train "
                "configs/supervised/digits_cpu.yaml'. 'kdforge COMMAND --help' explains each command.")
     parser.add_argument("--version", action="version", version=f"kdforge {__version__}")
