@@ -53,12 +53,8 @@ COMMON = ["method.detector=fcos", "method.fpn_channels=32", "method.max_size=48"
 def _kdep_backbone(ctx: DemoContext) -> str:
     """The KDEP row's seed-0 pre-training run (the same name and overrides, so a finished one is reused)."""
     from kdforge.demo.rows import kdep
-    ep = kdep._budget(ctx.quick)
-    sub, svd = kdep.prepare(ctx)
-    common = [f"model.name={kdep.STUDENT}", "data.batch_size=32", "train.val_every=0"]
-    res, _ = ctx.train(ctx.preset("kdep/digits_cpu.yaml"),
-                       common + [f"data.root={sub}", f"method.svd={svd}", f"train.epochs={ep['kdep']}",
-                                 "train.seed=0"], "kdep_row/pre_kdep_s0", evaluate=False)
+    preset, over, name = kdep.kdep_pretrain_spec(ctx, seed=0)
+    res, _ = ctx.train(preset, over, name, evaluate=False)
     return str(res.run_dir)
 
 
