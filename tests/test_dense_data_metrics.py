@@ -199,7 +199,7 @@ def test_vkd_dense_loss_golden_values():
     # mean 0.5 d^2 = 0.5 * ((2 - sqrt3) + 0.5 + (3.5 - 2 sqrt3)) / 3 = (6 - 3 sqrt3) / 6
     golden = (6 - 3 * math.sqrt(3)) / 6
     got = vkd_dense_loss([s], [t], [_proj1()], eps=0.0)
-    assert float(got) == pytest.approx(golden, abs=1e-6) and float(got) == pytest.approx(0.1339746, abs=1e-6)
+    assert float(got.detach()) == pytest.approx(golden, abs=1e-6) and float(got.detach()) == pytest.approx(0.1339746, abs=1e-6)
     # scale/shift are cancelled by the standardisation; two levels sum
     p = _proj1()
     with torch.no_grad():
