@@ -206,12 +206,12 @@ def test_vkd_dense_loss_golden_values():
         p.scale.fill_(3.0)
         p.shift.fill_(-2.0)
     two = vkd_dense_loss([s, s], [t, t], [p, _proj1()], eps=0.0)
-    assert float(two) == pytest.approx(2 * golden, abs=1e-5)
+    assert float(two.detach()) == pytest.approx(2 * golden, abs=1e-5)
     # a padded 4th pixel with a huge value changes nothing when masked out
     s4 = torch.tensor([0.0, 1.0, 2.0, 50.0]).view(1, 1, 1, 4)
     t4 = torch.tensor([0.0, 0.0, 3.0, -70.0]).view(1, 1, 1, 4)
     mask = [torch.tensor([[[True, True, True, False]]])]
-    assert float(vkd_dense_loss([s4], [t4], [_proj1()], mask, eps=0.0)) == pytest.approx(golden, abs=1e-6)
+    assert float(vkd_dense_loss([s4], [t4], [_proj1()], mask, eps=0.0).detach()) == pytest.approx(golden, abs=1e-6)
     assert abs(float(vkd_dense_loss([s4], [t4], [_proj1()], None, eps=0.0)) - golden) > 1e-2
     # large difference: linear branch of smooth-L1 (beta = 1): rows s = [-1, 1], t = [1, -1] -> |d| = 2 -> 1.5
     s2 = torch.tensor([-1.0, 1.0]).view(1, 1, 1, 2)
