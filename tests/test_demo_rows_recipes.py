@@ -45,11 +45,17 @@ def _shared(cfg):
             cfg.train.val_every, cfg.train.channels_last)
 
 
-def test_vkd_row_runs_four_variants_on_one_recipe(tmp_path):
-    calls, rows = _record_runs(vkd_row, tmp_path)
-    assert len(calls) == 12 and len(rows) == 4
+def _one_recipe(row, tmp_path, n_runs: int, n_rows: int) -> dict:
+    """The row's runs (checked: their number, the table's rows, and one shared recipe)."""
+    calls, rows = _record_runs(row, tmp_path)
+    assert len(calls) == n_runs and len(rows) == n_rows
     shared = {_shared(c) for c in calls.values()}
     assert len(shared) == 1, shared
+    return calls
+
+
+def test_vkd_row_runs_four_variants_on_one_recipe(tmp_path):
+    calls = _one_recipe(vkd_row, tmp_path, n_runs=12, n_rows=4)
     cfg = calls["vkd_row/vkd_s0"]
     assert dict(cfg.model.kwargs) == {"patch_size": 8, "embed_dim": 128, "num_heads": 2, "depth": 2}
     assert (cfg.data.batch_size, cfg.data.train_transform, cfg.train.epochs) == (16, "pad_crop", 3)
@@ -66,10 +72,7 @@ def test_vkd_row_runs_four_variants_on_one_recipe(tmp_path):
 
 
 def test_kd_row_compares_kd_with_scratch_on_one_recipe(tmp_path):
-    calls, rows = _record_runs(kd_row, tmp_path)
-    assert len(calls) == 6 and len(rows) == 2
-    shared = {_shared(c) for c in calls.values()}
-    assert len(shared) == 1, shared
+    calls = _one_recipe(kd_row, tmp_path, n_runs=6, n_rows=2)
     cfg = calls["kd_row/kd_t1_s0"]
     assert cfg.model.name == "kdf_vit_micro"
     assert dict(cfg.model.kwargs) == {"patch_size": 8, "global_pool": "avg", "class_token": False}
