@@ -54,8 +54,8 @@ def _one_recipe(row, tmp_path, n_runs: int, n_rows: int) -> dict:
     return calls
 
 
-def test_vkd_row_runs_four_variants_on_one_recipe(tmp_path):
-    calls = _one_recipe(vkd_row, tmp_path, n_runs=12, n_rows=4)
+def test_vkd_row_runs_five_variants_on_one_recipe(tmp_path):
+    calls = _one_recipe(vkd_row, tmp_path, n_runs=15, n_rows=5)
     cfg = calls["vkd_row/vkd_s0"]
     assert dict(cfg.model.kwargs) == {"patch_size": 8, "embed_dim": 128, "num_heads": 2, "depth": 2}
     assert (cfg.data.batch_size, cfg.data.train_transform, cfg.train.epochs) == (16, "pad_crop", 3)
@@ -64,10 +64,12 @@ def test_vkd_row_runs_four_variants_on_one_recipe(tmp_path):
     for name, c in calls.items():
         a = c.method_args()
         assert (a.stem, a.stem_width, a.norm, a.temperature, a.ce_weight) == ("conv", 16, "layernorm", 1.0, 1.0)
-        terms.setdefault(name.split("/")[1].rsplit("_s", 1)[0], set()).add((a.alpha, a.gamma, a.projector))
-    assert terms == {"scratch": {(0.0, 0.0, "orthogonal")}, "logit": {(0.0, 1.0, "orthogonal")},
-                     "linear": {(float(vkd_row.ALPHA), 1.0, "linear")},
-                     "vkd": {(float(vkd_row.ALPHA), 1.0, "orthogonal")}}
+        terms.setdefault(name.split("/")[1].rsplit("_s", 1)[0], set()).add(
+            (a.alpha, a.gamma, a.projector, a.scale_shift))
+    assert terms == {"scratch": {(0.0, 0.0, "orthogonal", False)}, "logit": {(0.0, 1.0, "orthogonal", False)},
+                     "linear": {(float(vkd_row.ALPHA), 1.0, "linear", False)},
+                     "vkd": {(float(vkd_row.ALPHA), 1.0, "orthogonal", False)},
+                     "vkd_ss": {(float(vkd_row.ALPHA), 1.0, "orthogonal", True)}}
     assert vkd_row.ALPHA > 1
 
 
@@ -84,7 +86,7 @@ def test_kd_row_compares_kd_with_scratch_on_one_recipe(tmp_path):
 
 
 def test_quick_rows_use_one_seed(tmp_path):
-    for row, n in ((vkd_row, 4), (kd_row, 2)):
+    for row, n in ((vkd_row, len(vkd_row.VARIANTS)), (kd_row, 2)):
         calls, _ = _record_runs(row, tmp_path / row.__name__.rsplit(".", 1)[1], quick=True)
         assert len(calls) == n
 
