@@ -228,7 +228,7 @@ def test_cosine_classifier_episodes_within_half_point_of_loop():
 def test_scoring_strategies_break_exact_ties_like_argmax():
     """Integer rows and scorers make every score exact, with many exact ties between ways: both
     strategies must count a query correct only when torch.argmax (first index) picks its way."""
-    from kdforge.eval.fewshot import _class_table, _correct_classblock, _correct_gather
+    from kdforge.eval.fewshot import _class_table, _correct_classblock, _correct_gather, _scorer_recheck
     g = torch.Generator().manual_seed(0)
     C, n, D, W, E = 6, 5, 3, 4, 50
     x = torch.randint(0, 2, (C * n, D), generator=g).float()
@@ -241,8 +241,9 @@ def test_scoring_strategies_break_exact_ties_like_argmax():
     _, inv, counts, table, pos = _class_table(y)
     ep_cls = inv[ep[..., 0]]
     one = torch.ones(x.shape[0])                            # raw rows (argmax is scale-free with b = 0)
-    got_c = _correct_classblock(x, one, queries, w, b, ep_cls, table, counts.tolist(), pos)
-    got_g = _correct_gather(x, one, queries, w, b)
+    recheck = _scorer_recheck(x, w, b)
+    got_c = _correct_classblock(x, one, queries, w, b, ep_cls, table, counts.tolist(), pos, recheck)
+    got_g = _correct_gather(x, one, queries, w, b, recheck)
     scores = torch.einsum("ewqd,evd->ewqv", x[queries], w)  # (E, W, Q, W)
     ref = (scores.argmax(-1) == torch.arange(W)[None, :, None]).sum((1, 2))
     assert int((scores[..., 0] == scores[..., 1]).sum()) > 0   # the ties do occur

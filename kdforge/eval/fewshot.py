@@ -334,11 +334,19 @@ def _exact_correct(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor) ->
     return sc.argmax(1) == target
 
 
+def _scorer_recheck(feats: Tensor, w: Tensor, b: Optional[Tensor]):
+    """``recheck(rows, episodes, targets)``: the given scorers' decisions in float64 on the normalised rows."""
+    def recheck(rows: Tensor, eps: Tensor, target: Tensor) -> Tensor:
+        return _exact_correct(l2_normalize(feats[rows].double()), w[eps], None if b is None else b[eps], target)
+    return recheck
+
+
 def _correct_gather(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor],
-                    recheck=None) -> Tensor:
+                    recheck) -> Tensor:
     """Correct counts (e,) by gathering each episode's queries; queries (e, W, Q); rinv (N,) = 1/‖x‖
     normalises the scores of the raw rows. Queries whose two best scores are within :func:`_near` are
-    decided again by ``recheck(rows, episodes, targets)`` (float64; default: these scorers in float64)."""
+    decided again by ``recheck(rows, episodes, targets)`` in float64 (:func:`_scorer_recheck` or
+    :func:`_prototype_recheck`)."""
     e, W, Q = queries.shape
     dev = feats.device
     gather = _RowGather(feats)
@@ -357,15 +365,13 @@ def _correct_gather(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor, b: 
             top = scores.topk(2, dim=-1).values
             i, q = ((top[..., 0] - top[..., 1]) < near[s:s + step, None]).nonzero(as_tuple=True)
             if i.numel():
-                ok[i, q] = (recheck(rows[i, q], s + i, target[q]) if recheck is not None else
-                            _exact_correct(l2_normalize(feats[rows[i, q]].double()), w[s + i],
-                                           None if b is None else b[s + i], target[q]))
+                ok[i, q] = recheck(rows[i, q], s + i, target[q])
         correct[s:s + step] = ok.sum(1)
     return correct
 
 
 def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor],
-                        ep_cls: Tensor, table: Tensor, counts: list, pos: Tensor, recheck=None) -> Tensor:
+                        ep_cls: Tensor, table: Tensor, counts: list, pos: Tensor, recheck) -> Tensor:
     """Correct counts (e,) scoring whole classes at once; ep_cls (e, W) class index of each way.
 
     For class c and the K episodes that use it (as way wk), a row x of c is correct when the argmax
@@ -373,14 +379,15 @@ def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor,
     m_v = x·(w_wk − w_v) + (b_wk − b_v) are all > 0, a margin of exactly 0 being allowed only for the
     ways v after wk. One matmul scores every row of c against the W − 1 difference vectors of each
     episode (a fifth fewer products than scoring the W ways, and no cancellation of two large scores),
-    laid out (n_c, W − 1, K) so that the minimum over ways runs on contiguous slabs.
+    laid out (n_c, W − 1, K) so that the minimum over ways runs on contiguous slabs. Rows whose smallest
+    margin is within :func:`_near` of 0 (exact ties included) are decided again by ``recheck``.
     """
     e, W, Q = queries.shape
     D = w.shape[-1]
     dev = feats.device
-    correct = torch.zeros(e, dtype=torch.long, device=dev)
     if W == 1:                                                              # one way: every query is right
         return torch.full((e,), Q, dtype=torch.long, device=dev)
+    correct = torch.zeros(e, dtype=torch.long, device=dev)
     w_flat = w.reshape(e * W, D)
     near = _near(w, b)
     j = torch.arange(W - 1, device=dev)
@@ -409,15 +416,13 @@ def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor,
             ok = low > 0
             r, k = (low.abs() < near[ek][None, :]).nonzero(as_tuple=True)   # near-ties and exact ties
             if r.numel():
-                ok[r, k] = (recheck(table[c, r], ek[k], wk[k]) if recheck is not None else
-                            _exact_correct(l2_normalize(feats[rows_c[r]].double()), w[ek[k]],
-                                           None if b is None else b[ek[k]], wk[k]))
+                ok[r, k] = recheck(rows_c[r], ek[k], wk[k])
             ok = ok.T                                                       # (K, n_c)
-            correct.index_add_(0, ek, ok.gather(1, pos_rows(queries, pos, ek, wk)).sum(1))
+            correct.index_add_(0, ek, ok.gather(1, _pos_rows(queries, pos, ek, wk)).sum(1))
     return correct
 
 
-def pos_rows(queries: Tensor, pos: Tensor, ek: Tensor, wk: Tensor) -> Tensor:
+def _pos_rows(queries: Tensor, pos: Tensor, ek: Tensor, wk: Tensor) -> Tensor:
     """(K, Q) positions within their class of the queries of way wk of episodes ek."""
     e, W, Q = queries.shape
     q = torch.index_select(queries.reshape(e * W, Q), 0, ek * W + wk)
@@ -530,7 +535,8 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
                 w[f0:f0 + nb] = fit_cosine_classifier(x, y.expand(nb, -1), W, gens, epochs=epochs, lr=lr,
                                                       batch_size=batch_size)
             b = None
-        recheck = _prototype_recheck(feats, support) if classifier == "prototype" else None
+        recheck = (_prototype_recheck(feats, support) if classifier == "prototype"
+                   else _scorer_recheck(feats, w, b))
         if strategy == "gather":
             correct[s:s + chunk] = _correct_gather(feats, rinv, queries, w, b, recheck).cpu()
         else:
