@@ -69,12 +69,21 @@ def fit_logistic_gram(G: Tensor, y: Tensor, n_classes: int, C: float = 1.0, max_
         return _fit_logistic_gram(G, y, n_classes, C, max_iter, tol, cg_iter)
 
 
-def _newton_step(G, Y, alpha, b, f, p, g_al, g_b, Gg, gnorm2, C, eps, cg_iter, tiny, objective):
+def _objective(G: Tensor, Y: Tensor, C: float, al: Tensor, bb: Tensor) -> Tensor:
+    """(B,) f(α, b) = C · Σ_i CE(G α + b, y_i) + ½ tr(αᵀ G α) for the coordinates α (B, n, K), b (B, K)."""
+    ga = G @ al
+    z = ga + bb[:, None, :]
+    ce = torch.logsumexp(z, -1) - (z * Y).sum(-1)
+    return C * ce.sum(-1) + 0.5 * _sum2(al * ga)
+
+
+def _newton_step(G, Y, alpha, b, f, p, g_al, g_b, Gg, gnorm2, C, eps, cg_iter):
     """One truncated-Newton step (CG on the Hessian, Armijo backtracking) for a batch of problems.
 
     Returns the new (alpha, b, f) and a mask of the problems whose line search found a decrease.
     """
     B = G.shape[0]
+    tiny = torch.finfo(G.dtype).tiny
     # Conjugate gradients for H d = g, in (α-coordinates, intercept) with the G inner product.
     d_al, d_b = torch.zeros_like(alpha), torch.zeros_like(b)
     r_al, r_b, Gr = g_al.clone(), g_b.clone(), Gg.clone()
@@ -114,7 +123,7 @@ def _newton_step(G, Y, alpha, b, f, p, g_al, g_b, Gg, gnorm2, C, eps, cg_iter, t
     for _ls in range(40):
         c_al = alpha - t[:, None, None] * d_al
         c_b = b - t[:, None] * d_b
-        fc = objective(c_al, c_b, G, Y)
+        fc = _objective(G, Y, C, c_al, c_b)
         ok = (~accepted) & (fc <= f - 1e-4 * t * slope)
         new_al[ok], new_b[ok], new_f[ok] = c_al[ok], c_b[ok], fc[ok]
         accepted = accepted | ok
@@ -136,15 +145,7 @@ def _fit_logistic_gram(G: Tensor, y: Tensor, n_classes: int, C: float, max_iter:
     b = G.new_zeros(B, K)
     eps = 1e-9 * max(1.0, C * n)                                           # ridge on the intercept's null direction
     gtol = tol * max(1.0, C * n)
-    tiny = torch.finfo(G.dtype).tiny
-
-    def objective(al: Tensor, bb: Tensor, G: Tensor = G, Y: Tensor = Y) -> Tensor:
-        ga = G @ al
-        z = ga + bb[:, None, :]
-        ce = torch.logsumexp(z, -1) - (z * Y).sum(-1)
-        return C * ce.sum(-1) + 0.5 * _sum2(al * ga)
-
-    f = objective(alpha, b)
+    f = _objective(G, Y, C, alpha, b)
     stalled = torch.zeros(B, dtype=torch.bool, device=G.device)   # line search found no decrease: at precision
     for _ in range(max_iter):
         z = G @ alpha + b[:, None, :]
@@ -160,7 +161,7 @@ def _fit_logistic_gram(G: Tensor, y: Tensor, n_classes: int, C: float, max_iter:
         idx = active.nonzero().flatten()
         sub = (lambda t: t.index_select(0, idx)) if idx.numel() < B else (lambda t: t)
         a_new, b_new, f_new, ok = _newton_step(sub(G), sub(Y), sub(alpha), sub(b), sub(f), sub(p), sub(g_al),
-                                               sub(g_b), sub(Gg), sub(gnorm2), C, eps, cg_iter, tiny, objective)
+                                               sub(g_b), sub(Gg), sub(gnorm2), C, eps, cg_iter)
         if idx.numel() < B:
             alpha, b, f = alpha.index_copy(0, idx, a_new), b.index_copy(0, idx, b_new), f.index_copy(0, idx, f_new)
             stalled = stalled.index_copy(0, idx, stalled.index_select(0, idx) | ~ok)
