@@ -72,6 +72,19 @@ class DemoContext:
         (run_dir / "demo_time.json").write_text(json.dumps({"seconds": res.seconds}))
         return res, (evaluate_run(run_dir, "test") if evaluate else {})
 
+    def train_seeds(self, preset: str, overrides: list[str], name: str) -> tuple[list[dict], float, Optional[int]]:
+        """:meth:`train` once per demo seed (``train.seed=S`` into ``OUT/name_sS``).
+
+        Returns (test metrics of each seed, mean training seconds, parameter count).
+        """
+        tests, secs, params = [], 0.0, None
+        for seed in self.seeds:
+            res, test = self.train(preset, list(overrides) + [f"train.seed={seed}"], f"{name}_s{seed}")
+            tests.append(test)
+            secs += res.seconds
+            params = res.params
+        return tests, secs / len(self.seeds), params
+
 
 def mean_std(values: list[float], digits: int = 1) -> str:
     """``"m ± s"`` (population std) with ``digits`` decimals; a single value alone."""

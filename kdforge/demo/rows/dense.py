@@ -79,14 +79,9 @@ def run(ctx: DemoContext) -> list[DemoRow]:
          ["teacher=null", f"method.backbone={kdep_run}"]),
     ]
     for tag, label, preset, extra in variants:                     # students: every demo seed, mean ± std
-        tests, secs, params = [], 0.0, None
-        for seed in ctx.seeds:
-            over = base + ["model.name=kdf_resnet_narrow", f"train.seed={seed}"] + extra
-            res, test = ctx.train(preset, over, f"dense_row/{tag}_s{seed}")
-            tests.append(test)
-            secs += res.seconds
-            params = res.params
-        rows.append(DemoRow(SECTION, label, _metrics(*tests), params, secs / len(tests)))
+        tests, secs, params = ctx.train_seeds(preset, base + ["model.name=kdf_resnet_narrow"] + extra,
+                                              f"dense_row/{tag}")
+        rows.append(DemoRow(SECTION, label, _metrics(*tests), params, secs))
     return rows
 
 

@@ -38,13 +38,8 @@ def run(ctx: DemoContext) -> list[DemoRow]:
     epochs = 2 if ctx.quick else 8
     rows = []
     for tag, variant, preset, extra in VARIANTS:
-        accs, secs, params = [], 0.0, None
-        for seed in ctx.seeds:
-            over = COMMON + extra + [f"train.epochs={epochs}", f"train.seed={seed}"]
-            res, test = ctx.train(ctx.preset(preset), over, f"kd_row/{tag}_s{seed}")
-            accs.append(test["test/acc1"])
-            secs += res.seconds
-            params = res.params
-        rows.append(DemoRow("Logit KD (Hinton)", variant, {"test acc (%)": mean_std(accs)}, params,
-                            secs / len(ctx.seeds)))
+        tests, secs, params = ctx.train_seeds(ctx.preset(preset), COMMON + extra + [f"train.epochs={epochs}"],
+                                              f"kd_row/{tag}")
+        rows.append(DemoRow("Logit KD (Hinton)", variant, {"test acc (%)": mean_std([t["test/acc1"] for t in tests])},
+                            params, secs))
     return rows

@@ -10,7 +10,7 @@ that only the switched terms differ:
 * VkD with the optional per-channel scale and shift after the projector (ViDT variant).
 
 Test accuracy (%) is the mean ± population std over ``ctx.seeds``; evaluation averages both heads.
-The CPU-sized recipe (≤ 90 s on 2 CPU cores for all 12 runs):
+The CPU-sized recipe (≤ 90 s on 2 CPU cores for all 15 runs):
 
 * student: a 2-block, 128-wide DeiT with the reference's convolutional stem (``method.stem=conv``,
   16 channels) and 8 px patches on the 32-px digits (16 tokens). With the plain patch embedding the
@@ -45,7 +45,7 @@ TITLE = "VkD: teacher CNN -> tiny distilled ViT (scratch, logit KD, linear-proje
 
 SECTION = "VkD (orthogonal-projection feature KD)"
 
-#: the CPU-sized student and recipe shared by the four variants (see the module docstring)
+#: the CPU-sized student and recipe shared by the five variants (see the module docstring)
 COMMON = ["model.kwargs={patch_size: 8, embed_dim: 128, num_heads: 2, depth: 2}", "method.stem=conv",
           "method.stem_width=16", "data.batch_size=16", "data.train_transform=pad_crop", "train.val_every=0",
           "optim.lr=2e-3", "sched.warmup_epochs=0.5", "train.channels_last=true"]
@@ -68,14 +68,8 @@ def run(ctx: DemoContext) -> list[DemoRow]:
     epochs = 1 if ctx.quick else 3
     rows = []
     for tag, variant, extra in VARIANTS:
-        accs, secs, params = [], 0.0, None
-        for seed in ctx.seeds:
-            res, test = ctx.train(ctx.preset("vkd/digits_cpu.yaml"),
-                                  COMMON + extra + [f"train.epochs={epochs}", f"train.seed={seed}"],
-                                  f"vkd_row/{tag}_s{seed}")
-            accs.append(test["test/acc1"])
-            secs += res.seconds
-            params = res.params
-        rows.append(DemoRow(SECTION, variant, {"test acc (%)": mean_std(accs)}, params, secs / len(ctx.seeds),
-                            note="" if tag != "vkd" else "projector stays orthogonal (wd 0.05)"))
+        tests, secs, params = ctx.train_seeds(ctx.preset("vkd/digits_cpu.yaml"),
+                                              COMMON + extra + [f"train.epochs={epochs}"], f"vkd_row/{tag}")
+        rows.append(DemoRow(SECTION, variant, {"test acc (%)": mean_std([t["test/acc1"] for t in tests])}, params,
+                            secs, note="" if tag != "vkd" else "projector stays orthogonal (wd 0.05)"))
     return rows
