@@ -36,6 +36,7 @@ from torch import Tensor
 
 from kdforge.eval._common import (as_float, block_generator, l2_normalize, labels_to_index, mean_ci95,
                                   single_thread)
+from kdforge.eval._gemm import matmul_nt
 from kdforge.eval.logreg import fit_logistic_gram
 
 CLASSIFIERS = ("prototype", "logistic", "cosine_classifier")
@@ -189,11 +190,8 @@ def _sub(n_rows_per_item: int, D: int) -> int:
 def _prototype_scorers(feats: Tensor, support: Tensor) -> tuple[Tensor, None]:
     """cos(q, p_w) ranking: p̂_w = normalise(mean_s f_s) = normalise(Σ_s f_s); support (e, W, S) row indices."""
     e, W, S = support.shape
-    proto = torch.empty(e, W, feats.shape[1], dtype=feats.dtype, device=feats.device)
-    gather = _RowGather(feats)
-    step = _sub(W * S, feats.shape[1])
-    for s in range(0, e, step):
-        torch.sum(gather(support[s:s + step]), 2, out=proto[s:s + step])    # the sum: same direction as the mean
+    # the sum (same direction as the mean) without gathering the (e, W, S, D) rows: 1.7x faster
+    proto = F.embedding_bag(support.reshape(e * W, S), feats, mode="sum").view(e, W, feats.shape[1])
     return proto.div_(proto.norm(dim=-1, keepdim=True).clamp_min_(1e-12)), None   # in place: no second big buffer
 
 
@@ -371,7 +369,8 @@ def _correct_gather(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor, b: 
 
 
 def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor, b: Optional[Tensor],
-                        ep_cls: Tensor, table: Tensor, counts: list, pos: Tensor, recheck) -> Tensor:
+                        ep_cls: Tensor, table: Tensor, counts: list, pos: Tensor, recheck,
+                        class_rows: Optional[dict] = None) -> Tensor:
     """Correct counts (e,) scoring whole classes at once; ep_cls (e, W) class index of each way.
 
     For class c and the K episodes that use it (as way wk), a row x of c is correct when the argmax
@@ -379,14 +378,18 @@ def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor,
     m_v = x·(w_wk − w_v) + (b_wk − b_v) are all > 0, a margin of exactly 0 being allowed only for the
     ways v after wk. One matmul scores every row of c against the W − 1 difference vectors of each
     episode (a fifth fewer products than scoring the W ways, and no cancellation of two large scores),
-    laid out (n_c, W − 1, K) so that the minimum over ways runs on contiguous slabs. Rows whose smallest
+    laid out (W − 1, K, n_c) so that the minimum over ways is an elementwise minimum of W − 1
+    contiguous slabs and each episode's verdicts are a contiguous row. Rows whose smallest
     margin is within :func:`_near` of 0 (exact ties included) are decided again by ``recheck``.
+    ``class_rows`` (class → its normalised rows) is filled on first use and may be passed again for
+    the next chunk of episodes, so each class is gathered and normalised once per evaluation.
     """
     e, W, Q = queries.shape
     D = w.shape[-1]
     dev = feats.device
     if W == 1:                                                              # one way: every query is right
         return torch.full((e,), Q, dtype=torch.long, device=dev)
+    class_rows = {} if class_rows is None else class_rows
     correct = torch.zeros(e, dtype=torch.long, device=dev)
     w_flat = w.reshape(e * W, D)
     near = _near(w, b)
@@ -396,7 +399,9 @@ def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor,
         ek_all, wk_all = (ep_cls == c).nonzero(as_tuple=True)               # each episode holds c once
         n_c = counts[c]
         rows_c = table[c, :n_c]
-        xc = feats[rows_c] * rinv[rows_c, None]                             # the class's rows, normalised
+        xc = class_rows.get(c)
+        if xc is None:                                                      # the class's rows, normalised
+            xc = class_rows[c] = feats[rows_c] * rinv[rows_c, None]
         step = max(1, _BUF_FLOATS // max(1, n_c * (W - 1)))                # score block ≤ _BUF_FLOATS floats
         for s in range(0, ek_all.numel(), step):
             ek, wk = ek_all[s:s + step], wk_all[s:s + step]
@@ -408,16 +413,15 @@ def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor,
             diff = buf[:n].view(W - 1, K, D)
             torch.index_select(w_flat, 0, (ek[None, :] * W + v).reshape(-1), out=diff.view(-1, D))
             torch.sub(torch.index_select(w_flat, 0, ek * W + wk)[None], diff, out=diff)
-            m = (xc @ diff.view(-1, D).T).view(n_c, W - 1, K)
+            m = matmul_nt(diff.view(-1, D), xc).view(W - 1, K, n_c)
             if b is not None:
                 bk = b[ek]                                                  # (K, W)
-                m += (bk.gather(1, wk[:, None]).T - bk.gather(1, v.T).T)[None]
-            low = m.amin(1)                                                 # (n_c, K) smallest margin
+                m += (bk.gather(1, wk[:, None]).T - bk.gather(1, v.T).T)[..., None]
+            low = m.amin(0)                                                 # (K, n_c) smallest margin
             ok = low > 0
-            r, k = (low.abs() < near[ek][None, :]).nonzero(as_tuple=True)   # near-ties and exact ties
+            k, r = (low.abs() < near[ek][:, None]).nonzero(as_tuple=True)   # near-ties and exact ties
             if r.numel():
-                ok[r, k] = recheck(rows_c[r], ek[k], wk[k])
-            ok = ok.T                                                       # (K, n_c)
+                ok[k, r] = recheck(rows_c[r], ek[k], wk[k])
             correct.index_add_(0, ek, ok.gather(1, _pos_rows(queries, pos, ek, wk)).sum(1))
     return correct
 
@@ -513,6 +517,7 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
     episodes_d = episodes.to(dev)
     if strategy == "classblock":
         table_d, counts_l, pos_d, ep_cls_d = table.to(dev), counts.tolist(), pos.to(dev), ep_cls.to(dev)
+        class_rows: dict = {}                     # normalised rows per class, shared by the chunks (N × D)
     correct = torch.empty(E, dtype=torch.long)
     for s in range(0, E, chunk):
         ep = episodes_d[s:s + chunk]
@@ -541,7 +546,7 @@ def evaluate_episodes(features: Tensor, labels, episodes: Tensor, n_shot: int, c
             correct[s:s + chunk] = _correct_gather(feats, rinv, queries, w, b, recheck).cpu()
         else:
             correct[s:s + chunk] = _correct_classblock(feats, rinv, queries, w, b, ep_cls_d[s:s + chunk], table_d,
-                                                       counts_l, pos_d, recheck).cpu()
+                                                       counts_l, pos_d, recheck, class_rows).cpu()
     acc = correct.double() * (100.0 / (W * Q))
     mean, ci = mean_ci95(acc)
     opts = {"strategy": strategy}

@@ -3,7 +3,8 @@
 * :func:`knn_search` — exact Euclidean k nearest gallery rows for every query, chunked over queries
   and gallery so that at most ``chunk × gallery_chunk`` distances exist at once (a 1.28M × 384
   gallery never needs the full N_test × N_train matrix). Distances are ranked as
-  ``‖g‖² − 2 q·g`` (``‖q‖²`` is constant per query) with one ``addmm`` per block. An optional faiss
+  ``‖g‖² − 2 q·g`` (``‖q‖²`` is constant per query) with one GEMM per block (oneDNN on CPU, see
+  :mod:`kdforge.eval._gemm`; ``addmm`` elsewhere). An optional faiss
   ``IndexFlatL2`` backend is used only when asked for (``backend="faiss"``) and installed.
 * :func:`best_nn` — votes for every odd k from 1 to ``k_max`` (or the given ``ks``) from one sorted
   neighbour list: unweighted majority with ties to the smallest class index (the reference's
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kdforge.eval._common import as_float, l2_normalize, single_thread
+from kdforge.eval._gemm import matmul_nt, onednn_available
 
 REP_SPACES = ("original", "norm", "shift-norm")
 
@@ -85,16 +87,20 @@ def _faiss_search(gallery: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Ten
     return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).long().to(queries.device)
 
 
-def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: int = 1024,
+def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: Optional[int] = None,
                gallery_chunk: Optional[int] = None, backend: str = "torch") -> tuple[Tensor, Tensor]:
     """Exact k nearest gallery rows (squared Euclidean) of every query, nearest first.
 
     Args:
         gallery: (N, D); queries: (M, D) (same device; float32/float64).
         k: neighbours (k ≤ N).
-        chunk: queries per block; ``gallery_chunk``: gallery rows per block (default: the whole
-            gallery when ``chunk × N ≤ 2^26`` distances, else 2^26 // chunk). Peak extra memory is
-            about ``chunk × (gallery_chunk + 2k)`` floats.
+        chunk: queries per block; ``gallery_chunk``: gallery rows per block. Defaults: blocks of at
+            most B distances, B = 2^22 (16 MiB) on a CPU with the oneDNN GEMM of
+            :mod:`kdforge.eval._gemm` (256 queries; its output is a fresh tensor per block, and blocks
+            under glibc's 32 MiB mmap threshold are recycled instead of page-faulted in again:
+            1.45 vs 1.8 s at 1,024 × 50,000 for the knn_speed benchmark), else B = 2^26 (1,024
+            queries, one reused buffer); the whole gallery per block when ``chunk × N ≤ B``, else
+            B // chunk rows. Peak extra memory is about ``chunk × (gallery_chunk + 2k)`` floats.
         backend: ``"torch"`` (default, any device) or ``"faiss"`` (CPU ``IndexFlatL2``; optional
             dependency, same neighbours up to float rounding of near-equal distances).
 
@@ -110,8 +116,11 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: int = 1024,
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose 'torch' or 'faiss'")
     M = queries.shape[0]
+    small_blocks = gallery.device.type == "cpu" and gallery.dtype == torch.float32 and onednn_available()
+    block = 2**22 if small_blocks else 2**26
+    chunk = int(chunk) if chunk is not None else (256 if small_blocks else 1024)
     if gallery_chunk is None:
-        gallery_chunk = N if chunk * N <= 2**26 else max(k, 2**26 // chunk)
+        gallery_chunk = N if chunk * N <= block else max(k, block // chunk)
     gallery_chunk = max(int(gallery_chunk), k)
     if gallery_chunk >= _GROUP * k:                 # blocks of whole groups for the two-stage selection
         gallery_chunk = (gallery_chunk // _GROUP) * _GROUP
@@ -125,12 +134,11 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: int = 1024,
     out_i = torch.empty(M, k, dtype=torch.long, device=gallery.device)
     buf = torch.empty(min(chunk, M) * max(w for _, w in blocks), dtype=gallery.dtype, device=gallery.device)
     for s in range(0, M, chunk):
-        q = queries[s:s + chunk]
+        q2 = queries[s:s + chunk] * -2.0                                    # exact scaling by a power of 2
         cand_d, cand_i = [], []
         for t, w in blocks:
-            # ‖g‖² − 2 q·g : the query's own ‖q‖² does not change its ranking (one reused buffer)
-            d = buf[:q.shape[0] * w].view(q.shape[0], w)
-            torch.addmm(g2[t:t + w].unsqueeze(0), q, gallery[t:t + w].T, beta=1.0, alpha=-2.0, out=d)
+            # ‖g‖² − 2 q·g : the query's own ‖q‖² does not change its ranking (buf: reused if possible)
+            d = matmul_nt(q2, gallery[t:t + w], g2[t:t + w], out=buf[:q2.shape[0] * w].view(q2.shape[0], w))
             dv, di = _smallest(d, min(k, w))
             cand_d.append(dv)
             cand_i.append(di + t)
@@ -141,6 +149,7 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: int = 1024,
             cat_d, cat_i = torch.cat(cand_d, 1), torch.cat(cand_i, 1)
             best_d, sel = cat_d.topk(k, dim=1, largest=False, sorted=True)
             best_i = cat_i.gather(1, sel)
+        q = queries[s:s + chunk]
         out_d[s:s + chunk] = (best_d + torch.linalg.vector_norm(q, dim=1, keepdim=True).pow_(2)).clamp_min_(0)
         out_i[s:s + chunk] = best_i
     return out_d, out_i
@@ -231,7 +240,7 @@ def _labels_index(train_y: Tensor, *others: Tensor):
 
 def best_nn(train_x: Tensor, train_y, test_x: Tensor, test_y, k_max: int = 101, rep_space: str = "original",
             val: Optional[tuple] = None, weighted: bool = False, T: float = 0.07, ks: Optional[Sequence[int]] = None,
-            chunk: int = 1024, gallery_chunk: Optional[int] = None, backend: str = "torch") -> KNNResult:
+            chunk: Optional[int] = None, gallery_chunk: Optional[int] = None, backend: str = "torch") -> KNNResult:
     """Best-NN kNN accuracy: exact neighbours, votes for every k, k chosen on val (or test).
 
     Args:

@@ -1,0 +1,97 @@
+"""matmul_nt: the oneDNN CPU GEMM and its torch fallback give a @ b.T + bias; the searches built on it
+return the same neighbours / accuracies whichever path runs."""
+import pytest
+import torch
+
+from kdforge.eval import _gemm
+from kdforge.eval._gemm import matmul_nt, onednn_available
+from kdforge.eval.fewshot import evaluate_episodes, sample_episodes
+from kdforge.eval.knn import knn_search
+
+
+@pytest.fixture
+def no_onednn(monkeypatch):
+    """Force the torch (addmm/mm) path, as on a build without oneDNN or with KDFORGE_ONEDNN=0."""
+    monkeypatch.setattr(_gemm, "onednn_available", lambda: False)
+
+
+def _ab(m=37, n=53, k=29, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(m, k, generator=g, dtype=dtype), torch.randn(n, k, generator=g, dtype=dtype),
+            torch.randn(n, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matmul_nt_matches_float64(with_bias):
+    a, b, c = _ab()
+    want = a.double() @ b.double().T + (c.double() if with_bias else 0)
+    got = matmul_nt(a, b, c if with_bias else None)
+    assert got.shape == (37, 53) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_nt_views_and_float64():
+    a, b, c = _ab(k=40)
+    got = matmul_nt(a[:, ::2], b[:, 1::2], c)                    # non-contiguous views
+    torch.testing.assert_close(got, a[:, ::2] @ b[:, 1::2].T + c, rtol=1e-5, atol=1e-5)
+    a64, b64, c64 = _ab(dtype=torch.float64)
+    assert torch.equal(matmul_nt(a64, b64, c64), torch.addmm(c64, a64, b64.T))   # float64: torch path
+
+
+def test_matmul_nt_fallback_writes_out(no_onednn):
+    a, b, c = _ab()
+    out = torch.full((37, 53), float("nan"))
+    got = matmul_nt(a, b, c, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, torch.addmm(c, a, b.T))
+
+
+def test_matmul_nt_keeps_autograd():
+    a, b, _ = _ab()
+    a.requires_grad_(True)
+    matmul_nt(a, b).sum().backward()                             # the torch path when a gradient is needed
+    torch.testing.assert_close(a.grad, b.sum(0).expand_as(a))
+
+
+def test_env_switch_turns_onednn_off(monkeypatch):
+    onednn_available.cache_clear()
+    monkeypatch.setenv("KDFORGE_ONEDNN", "0")
+    try:
+        assert onednn_available() is False
+    finally:
+        onednn_available.cache_clear()
+
+
+def test_onednn_present_on_this_torch_build():
+    # the pinned CPU torch ships oneDNN; if this fails, the fast path silently fell back to MKL
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    assert onednn_available()
+
+
+def _knn_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(700, 24, generator=g), torch.randn(90, 24, generator=g)
+
+
+def test_knn_same_neighbours_either_gemm(monkeypatch):
+    gal, q = _knn_data()
+    d_fast, i_fast = knn_search(gal, q, 15, chunk=32, gallery_chunk=256)
+    monkeypatch.setattr(_gemm, "onednn_available", lambda: False)
+    d_ref, i_ref = knn_search(gal, q, 15, chunk=32, gallery_chunk=256)
+    assert torch.equal(i_fast, i_ref)
+    torch.testing.assert_close(d_fast, d_ref, rtol=1e-5, atol=1e-4)
+    exact = torch.cdist(q.double(), gal.double()).pow(2).topk(15, largest=False).indices
+    assert torch.equal(i_fast, exact)
+
+
+def test_fewshot_same_accuracies_either_gemm(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 1, 32, generator=g) + torch.randn(8, 40, 32, generator=g) * 2.0
+    y = torch.arange(8).repeat_interleave(40)
+    ep = sample_episodes(y, 5, 1, "all", 50, seed=0)
+    fast = evaluate_episodes(x.reshape(-1, 32), y, ep, 1, "prototype", strategy="classblock")
+    monkeypatch.setattr(_gemm, "onednn_available", lambda: False)
+    ref = evaluate_episodes(x.reshape(-1, 32), y, ep, 1, "prototype", strategy="classblock")
+    assert torch.equal(fast.accuracies, ref.accuracies)
+    assert 20.0 < fast.mean < 100.0
