@@ -20,6 +20,7 @@ import time
 import torch
 
 from kdforge.eval import best_nn, knn_search
+from kdforge.eval.knn import block_shape
 
 
 def synthetic(n_train=50000, n_test=10000, dim=384, n_classes=100, seed=0):
@@ -72,6 +73,8 @@ def main(argv=None):
     if faiss is not None:
         times["faiss IndexFlatL2.search (k=101) alone"] = []
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    best_nn(xtr, ytr, xte, yte, k_max=k)                     # alone first: its own peak memory
+    rss_knn = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = fi = None
     for _ in range(args.repeat):
         t = time.perf_counter()
@@ -90,8 +93,11 @@ def main(argv=None):
     for name, ts in times.items():
         print(f"  {name:42s} {min(ts):6.2f}s   [{', '.join(f'{t:.2f}' for t in ts)}]")
     print(f"\nkdforge: {res}")
-    print(f"peak RSS of the process: {rss1 / 1024:.0f} MiB (before timing {rss0 / 1024:.0f} MiB); the search holds "
-          f"one 1024 x {xtr.shape[0]:,} float32 distance block ({1024 * xtr.shape[0] * 4 / 2**20:.0f} MiB) at a time")
+    qc, gc = block_shape(xtr, k)
+    gc = min(gc, xtr.shape[0])
+    print(f"peak RSS: {rss0 / 1024:.0f} MiB with the data, {rss_knn / 1024:.0f} MiB after best_nn alone, "
+          f"{rss1 / 1024:.0f} MiB after the dense reference; best_nn holds one {qc} x {gc:,} float32 distance "
+          f"block ({qc * gc * 4 / 2**20:.0f} MiB) at a time")
     # exactness: neighbours of the torch path vs faiss / vs a float64 reference on a subset
     _, ti = knn_search(xtr, xte[:500], k)
     d64 = torch.cdist(xte[:500].double(), xtr.double())

@@ -95,3 +95,15 @@ def test_fewshot_same_accuracies_either_gemm(monkeypatch):
     ref = evaluate_episodes(x.reshape(-1, 32), y, ep, 1, "prototype", strategy="classblock")
     assert torch.equal(fast.accuracies, ref.accuracies)
     assert 20.0 < fast.mean < 100.0
+
+
+def test_knn_block_shape_defaults(monkeypatch):
+    from kdforge.eval import knn
+    g32 = torch.empty(50000, 8)
+    monkeypatch.setattr(knn, "onednn_available", lambda: True)
+    assert knn.block_shape(g32, 101) == (256, 16384)            # 2^22 distances: recycled by the allocator
+    assert knn.block_shape(g32[:1000], 101) == (256, 1000)      # whole gallery fits in one block
+    assert knn.block_shape(g32.double(), 101) == (1024, 50000)  # float64: torch path, 2^26 distances
+    monkeypatch.setattr(knn, "onednn_available", lambda: False)
+    assert knn.block_shape(g32, 101) == (1024, 50000)
+    assert knn.block_shape(g32, 101, chunk=64, gallery_chunk=5000) == (64, 4992)   # whole groups of 16

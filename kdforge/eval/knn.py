@@ -87,6 +87,21 @@ def _faiss_search(gallery: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Ten
     return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).long().to(queries.device)
 
 
+def block_shape(gallery: Tensor, k: int, chunk: Optional[int] = None,
+                gallery_chunk: Optional[int] = None) -> tuple[int, int]:
+    """(queries, gallery rows) per distance block that :func:`knn_search` uses for these arguments."""
+    N = gallery.shape[0]
+    small_blocks = gallery.device.type == "cpu" and gallery.dtype == torch.float32 and onednn_available()
+    block = 2**22 if small_blocks else 2**26
+    chunk = int(chunk) if chunk is not None else (256 if small_blocks else 1024)
+    if gallery_chunk is None:
+        gallery_chunk = N if chunk * N <= block else max(k, block // chunk)
+    gallery_chunk = max(int(gallery_chunk), k)
+    if gallery_chunk >= _GROUP * k:                 # blocks of whole groups for the two-stage selection
+        gallery_chunk = (gallery_chunk // _GROUP) * _GROUP
+    return chunk, gallery_chunk
+
+
 def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: Optional[int] = None,
                gallery_chunk: Optional[int] = None, backend: str = "torch") -> tuple[Tensor, Tensor]:
     """Exact k nearest gallery rows (squared Euclidean) of every query, nearest first.
@@ -116,14 +131,7 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: Optional[int]
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose 'torch' or 'faiss'")
     M = queries.shape[0]
-    small_blocks = gallery.device.type == "cpu" and gallery.dtype == torch.float32 and onednn_available()
-    block = 2**22 if small_blocks else 2**26
-    chunk = int(chunk) if chunk is not None else (256 if small_blocks else 1024)
-    if gallery_chunk is None:
-        gallery_chunk = N if chunk * N <= block else max(k, block // chunk)
-    gallery_chunk = max(int(gallery_chunk), k)
-    if gallery_chunk >= _GROUP * k:                 # blocks of whole groups for the two-stage selection
-        gallery_chunk = (gallery_chunk // _GROUP) * _GROUP
+    chunk, gallery_chunk = block_shape(gallery, k, chunk, gallery_chunk)
     # blocks: full-group blocks over [0, N_main), then the < _GROUP tail rows (if any) on their own
     n_main = (N // _GROUP) * _GROUP if N >= _GROUP * k else N
     blocks = [(t, min(gallery_chunk, n_main - t)) for t in range(0, n_main, gallery_chunk)]
