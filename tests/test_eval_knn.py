@@ -83,6 +83,18 @@ def test_knn_search_chunking_invariant_and_exact():
         torch.testing.assert_close(d.double(), ref_d, atol=1e-4, rtol=1e-5)
 
 
+def test_knn_search_merges_candidates_across_many_gallery_blocks(monkeypatch):
+    from kdforge.eval import knn
+    monkeypatch.setattr(knn, "_PENDING", 1)          # merge the per-block candidates after every block
+    g = torch.Generator().manual_seed(4)
+    gal, q = torch.randn(900, 8, generator=g), torch.randn(40, 8, generator=g)
+    ref_i = torch.cdist(q.double(), gal.double()).pow(2).topk(12, dim=1, largest=False).indices
+    for gchunk in (13, 200):                          # 70 blocks (plain topk) / 5 blocks (two-stage)
+        d, i = knn_search(gal, q, 12, chunk=16, gallery_chunk=gchunk)
+        assert torch.equal(i, ref_i)
+        assert bool((d[:, 1:] >= d[:, :-1]).all())    # ascending
+
+
 def test_val_selection_and_weighted_vote():
     g = torch.Generator().manual_seed(3)
     tr = torch.randn(400, 6, generator=g)

@@ -24,38 +24,59 @@ from torch import Tensor
 
 @functools.lru_cache(maxsize=None)
 def onednn_available() -> bool:
-    """Whether the oneDNN fp32 linear op exists, runs and matches ``mm`` here (checked once).
-
-    ``KDFORGE_ONEDNN=0`` in the environment turns it off (e.g. to compare with MKL).
+    """Whether the oneDNN fp32 linear op exists, runs and matches ``mm`` here, on a plain and on a
+    prepacked weight (checked once). ``KDFORGE_ONEDNN=0`` in the environment turns it off (e.g. to
+    compare with MKL).
     """
     if os.environ.get("KDFORGE_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
         return False
-    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-    if op is None:
+    ops = getattr(torch.ops, "mkldnn", None)
+    if not all(hasattr(ops, name) for name in ("_linear_pointwise", "_reorder_linear_weight")):
         return False
     try:
         g = torch.Generator().manual_seed(0)
         a, b, c = (torch.randn(s, generator=g) for s in ((7, 33), (5, 33), (5,)))
+        want = torch.addmm(c, a, b.T)
         with torch.no_grad():
-            got = op(a, b, c, "none", [], "")
-        return bool(torch.allclose(got, torch.addmm(c, a, b.T), rtol=1e-5, atol=1e-5))
+            plain = ops._linear_pointwise(a, b, c, "none", [], "")
+            packed = ops._linear_pointwise(a, ops._reorder_linear_weight(b, 7), c, "none", [], "")
+        return all(bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5)) for got in (plain, packed))
     except Exception:        # noqa: BLE001 - any failure of a private op means: do not use it
         return False
 
 
+def _onednn_for(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> bool:
+    return (a.device.type == "cpu" and a.dtype == torch.float32 and a.dim() == b.dim() == 2
+            and (b.dtype == torch.float32 or b.is_mkldnn)
+            and (bias is None or bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+            and onednn_available())
+
+
+def prepack(b: Tensor, rows: int) -> Tensor:
+    """``b`` (n, k) laid out once for many :func:`matmul_nt` calls with about ``rows`` rows of ``a``.
+
+    oneDNN otherwise re-lays out its weight operand on every call; packing once saves ~10 % when the
+    same gallery block meets many query blocks (a copy of ``b``'s size). Returns ``b`` itself where
+    oneDNN is not used (GPU, float64, gradients, ``KDFORGE_ONEDNN=0``).
+    """
+    if b.device.type == "cpu" and b.dtype == torch.float32 and b.dim() == 2 and not b.requires_grad \
+            and onednn_available():
+        return torch.ops.mkldnn._reorder_linear_weight(b.contiguous(), max(1, int(rows)))
+    return b
+
+
 def matmul_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, *, out: Optional[Tensor] = None) -> Tensor:
-    """``a @ b.T + bias``: a (m, k), b (n, k), bias (n,) added to every row or None → (m, n).
+    """``a @ b.T + bias``: a (m, k), b (n, k) (plain or from :func:`prepack`), bias (n,) added to every
+    row or None → (m, n).
 
     oneDNN for CPU float32 tensors without gradient (see the module docstring), else torch's
     ``addmm``/``mm``, which write into ``out`` (m, n) when given; the oneDNN op has no out= form and
     returns a new tensor (callers keep its size under glibc's 32 MiB mmap threshold, so freed blocks
     are reused instead of page-faulted in again). ``a`` and ``b`` are made contiguous for oneDNN.
     """
-    if (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.dim() == b.dim() == 2
-            and (bias is None or bias.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-            and onednn_available()):
-        return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(),
+    if _onednn_for(a, b, bias):
+        return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b if b.is_mkldnn else b.contiguous(),
                                                   None if bias is None else bias.contiguous(), "none", [], "")
     if bias is None:
         return torch.mm(a, b.T, out=out) if out is not None else a @ b.T

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from kdforge.eval._common import as_float, l2_normalize, single_thread
-from kdforge.eval._gemm import matmul_nt, onednn_available
+from kdforge.eval._gemm import matmul_nt, onednn_available, prepack
 
 REP_SPACES = ("original", "norm", "shift-norm")
 
@@ -115,7 +115,11 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: Optional[int]
             under glibc's 32 MiB mmap threshold are recycled instead of page-faulted in again:
             1.45 vs 1.8 s at 1,024 × 50,000 for the knn_speed benchmark), else B = 2^26 (1,024
             queries, one reused buffer); the whole gallery per block when ``chunk × N ≤ B``, else
-            B // chunk rows. Peak extra memory is about ``chunk × (gallery_chunk + 2k)`` floats.
+            B // chunk rows. Gallery blocks are the outer loop: each is laid out for the GEMM once
+            (:func:`kdforge.eval._gemm.prepack`, a copy of the block) and meets every query block
+            while it is in cache; its k best per query are kept, and merged whenever ~2^23 such
+            candidates pile up. Peak extra memory: one distance block, one packed gallery block, a
+            −2·queries copy (M × D) and at most ~2^23 + M·k candidate (value, row) pairs.
         backend: ``"torch"`` (default, any device) or ``"faiss"`` (CPU ``IndexFlatL2``; optional
             dependency, same neighbours up to float rounding of near-equal distances).
 
@@ -138,32 +142,51 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: Optional[int]
     if n_main < N:
         blocks.append((n_main, N - n_main))
     g2 = torch.linalg.vector_norm(gallery, dim=1).pow_(2)               # no (N, D) temporary
-    out_d = torch.empty(M, k, dtype=gallery.dtype, device=gallery.device)
-    out_i = torch.empty(M, k, dtype=torch.long, device=gallery.device)
-    buf = torch.empty(min(chunk, M) * max(w for _, w in blocks), dtype=gallery.dtype, device=gallery.device)
-    for s in range(0, M, chunk):
-        q2 = queries[s:s + chunk] * -2.0                                    # exact scaling by a power of 2
-        cand_d, cand_i = [], []
-        for t, w in blocks:
+    q2 = queries * -2.0                                                 # exact scaling by a power of 2
+    dev, dt = gallery.device, gallery.dtype
+    buf = torch.empty(min(chunk, M) * max(w for _, w in blocks), dtype=dt, device=dev)
+    pend_d, pend_i = [], []                # per-block candidates (M, ≤ k), merged when they pile up
+    limit = max(2 * k, _PENDING // max(M, 1))
+    # gallery blocks outside, query blocks inside: each gallery block is laid out for the GEMM once
+    # (prepack) and stays in cache while every query block meets it
+    for t, w in blocks:
+        gw = prepack(gallery[t:t + w], chunk)
+        kb = min(k, w)
+        bd = torch.empty(M, kb, dtype=dt, device=dev)
+        bi = torch.empty(M, kb, dtype=torch.long, device=dev)
+        for s in range(0, M, chunk):
+            m = min(chunk, M - s)
             # ‖g‖² − 2 q·g : the query's own ‖q‖² does not change its ranking (buf: reused if possible)
-            d = matmul_nt(q2, gallery[t:t + w], g2[t:t + w], out=buf[:q2.shape[0] * w].view(q2.shape[0], w))
-            dv, di = _smallest(d, min(k, w))
-            cand_d.append(dv)
-            cand_i.append(di + t)
-        if len(cand_d) == 1:
-            best_d, order = cand_d[0].sort(dim=1)
-            best_i = cand_i[0].gather(1, order)
-        else:
-            cat_d, cat_i = torch.cat(cand_d, 1), torch.cat(cand_i, 1)
-            best_d, sel = cat_d.topk(k, dim=1, largest=False, sorted=True)
-            best_i = cat_i.gather(1, sel)
-        q = queries[s:s + chunk]
-        out_d[s:s + chunk] = (best_d + torch.linalg.vector_norm(q, dim=1, keepdim=True).pow_(2)).clamp_min_(0)
-        out_i[s:s + chunk] = best_i
-    return out_d, out_i
+            d = matmul_nt(q2[s:s + m], gw, g2[t:t + w], out=buf[:m * w].view(m, w))
+            dv, di = _smallest(d, kb)
+            bd[s:s + m] = dv
+            torch.add(di, t, out=bi[s:s + m])
+        pend_d.append(bd)
+        pend_i.append(bi)
+        if sum(p.shape[1] for p in pend_d) >= limit:
+            run_d, run_i = _merge(pend_d, pend_i, k, sort=False)
+            pend_d, pend_i = [run_d], [run_i]
+    best_d, best_i = _merge(pend_d, pend_i, k, sort=True)
+    out_d = (best_d + torch.linalg.vector_norm(queries, dim=1, keepdim=True).pow_(2)).clamp_min_(0)
+    return out_d, best_i
+
+
+def _merge(cand_d: list, cand_i: list, k: int, sort: bool) -> tuple[Tensor, Tensor]:
+    """The k smallest of the concatenated candidates (M, Σ widths) → (values, gallery rows), ascending
+    when ``sort``."""
+    if len(cand_d) == 1 and cand_d[0].shape[1] <= k:
+        d, i = cand_d[0], cand_i[0]
+        if not sort:
+            return d, i
+        d, order = d.sort(dim=1)
+        return d, i.gather(1, order)
+    cat_d, cat_i = torch.cat(cand_d, 1), torch.cat(cand_i, 1)
+    d, sel = cat_d.topk(k, dim=1, largest=False, sorted=sort)
+    return d, cat_i.gather(1, sel)
 
 
 _GROUP = 16
+_PENDING = 2**23     # candidate entries (values + rows) held across gallery blocks before a merge
 
 
 def _smallest(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
