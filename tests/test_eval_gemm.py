@@ -107,3 +107,15 @@ def test_knn_block_shape_defaults(monkeypatch):
     monkeypatch.setattr(knn, "onednn_available", lambda: False)
     assert knn.block_shape(g32, 101) == (1024, 50000)
     assert knn.block_shape(g32, 101, chunk=64, gallery_chunk=5000) == (64, 4992)   # whole groups of 16
+
+
+def test_prepack_same_product_and_fallback(monkeypatch):
+    from kdforge.eval._gemm import prepack
+    a, b, c = _ab()
+    packed = prepack(b, rows=a.shape[0])
+    if onednn_available():
+        assert packed.is_mkldnn                                   # oneDNN's blocked layout, not b
+    torch.testing.assert_close(matmul_nt(a, packed, c), a @ b.T + c, rtol=1e-5, atol=1e-5)
+    assert prepack(b.double(), 8) is not None and not prepack(b.double(), 8).is_mkldnn
+    monkeypatch.setattr(_gemm, "onednn_available", lambda: False)
+    assert prepack(b, 8) is b                                     # torch path: nothing to lay out

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from kdforge.eval._common import (as_float, block_generator, l2_normalize, labels_to_index, mean_ci95,
                                   single_thread)
-from kdforge.eval._gemm import matmul_nt
+from kdforge.eval._gemm import matmul_nt, prepack
 from kdforge.eval.logreg import fit_logistic_gram
 
 CLASSIFIERS = ("prototype", "logistic", "cosine_classifier")
@@ -381,7 +381,8 @@ def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor,
     laid out (W − 1, K, n_c) so that the minimum over ways is an elementwise minimum of W − 1
     contiguous slabs and each episode's verdicts are a contiguous row. Rows whose smallest
     margin is within :func:`_near` of 0 (exact ties included) are decided again by ``recheck``.
-    ``class_rows`` (class → its normalised rows) is filled on first use and may be passed again for
+    ``class_rows`` (class → its normalised rows, prepacked for the GEMM) is filled on first use and may
+    be passed again for
     the next chunk of episodes, so each class is gathered and normalised once per evaluation.
     """
     e, W, Q = queries.shape
@@ -399,10 +400,10 @@ def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor,
         ek_all, wk_all = (ep_cls == c).nonzero(as_tuple=True)               # each episode holds c once
         n_c = counts[c]
         rows_c = table[c, :n_c]
-        xc = class_rows.get(c)
-        if xc is None:                                                      # the class's rows, normalised
-            xc = class_rows[c] = feats[rows_c] * rinv[rows_c, None]
         step = max(1, _BUF_FLOATS // max(1, n_c * (W - 1)))                # score block ≤ _BUF_FLOATS floats
+        xc = class_rows.get(c)
+        if xc is None:              # the class's rows, normalised, laid out once for the GEMMs below
+            xc = class_rows[c] = prepack(feats[rows_c] * rinv[rows_c, None], (W - 1) * min(step, ek_all.numel()))
         for s in range(0, ek_all.numel(), step):
             ek, wk = ek_all[s:s + step], wk_all[s:s + step]
             K = ek.numel()
