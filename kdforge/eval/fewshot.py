@@ -382,8 +382,8 @@ def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor,
     contiguous slabs and each episode's verdicts are a contiguous row. Rows whose smallest
     margin is within :func:`_near` of 0 (exact ties included) are decided again by ``recheck``.
     ``class_rows`` (class → its normalised rows, prepacked for the GEMM) is filled on first use and may
-    be passed again for
-    the next chunk of episodes, so each class is gathered and normalised once per evaluation.
+    be passed again for the next chunk of episodes, so each class is gathered, normalised and laid
+    out once per evaluation.
     """
     e, W, Q = queries.shape
     D = w.shape[-1]
