@@ -62,10 +62,25 @@ def test_env_switch_turns_onednn_off(monkeypatch):
         onednn_available.cache_clear()
 
 
+def test_onednn_default_only_on_x86(monkeypatch):
+    import platform
+    onednn_available.cache_clear()
+    monkeypatch.delenv("KDFORGE_ONEDNN", raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    try:
+        assert onednn_available() is False                       # not measured there: torch's mm stays
+        onednn_available.cache_clear()
+        monkeypatch.setenv("KDFORGE_ONEDNN", "1")                 # forced on: only the correctness check decides
+        assert onednn_available() is torch.backends.mkldnn.is_available()
+    finally:
+        onednn_available.cache_clear()
+
+
 def test_onednn_present_on_this_torch_build():
     # the pinned CPU torch ships oneDNN; if this fails, the fast path silently fell back to MKL
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("torch built without oneDNN")
+    import platform
+    if not torch.backends.mkldnn.is_available() or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("torch built without oneDNN, or not an x86-64 CPU")
     assert onednn_available()
 
 

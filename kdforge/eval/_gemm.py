@@ -6,8 +6,11 @@ on MKL, but it also ships oneDNN, whose fp32 matmul (the op behind torch's own c
 layers, ``mkldnn._linear_pointwise``) was measured 1.6-1.7x faster on an AMD EPYC (AVX-512):
 1,024 × 50,000 × 384 in 149 ms vs 251 ms for ``addmm`` on 2 threads, 268 vs 470 ms on one.
 
-:func:`matmul_nt` uses that op for CPU float32 inputs outside autograd, and ``torch.addmm``/``mm``
-everywhere else (GPU, float64, gradients, a torch build without oneDNN, or ``KDFORGE_ONEDNN=0``).
+(MKL gives non-Intel CPUs no AVX-512 kernels; on Intel CPUs the two are expected to be close.)
+
+:func:`matmul_nt` uses that op for float32 inputs outside autograd on x86-64 CPUs, and
+``torch.addmm``/``mm`` everywhere else (GPU, float64, gradients, other CPUs, a torch build without
+oneDNN, or ``KDFORGE_ONEDNN=0``). :func:`prepack` lays a reused operand out once for oneDNN.
 Both compute the same float32 dot products; only their summation order, hence the last bits of
 the results, can differ. The oneDNN op is private to torch, so it is checked once per process on a
 small product against ``mm`` and dropped (for good) if it is missing, fails or disagrees.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from typing import Optional
 
 import torch
@@ -24,11 +28,17 @@ from torch import Tensor
 
 @functools.lru_cache(maxsize=None)
 def onednn_available() -> bool:
-    """Whether the oneDNN fp32 linear op exists, runs and matches ``mm`` here, on a plain and on a
-    prepacked weight (checked once). ``KDFORGE_ONEDNN=0`` in the environment turns it off (e.g. to
-    compare with MKL).
+    """Whether to use the oneDNN fp32 linear op: it exists, runs and matches ``mm`` here, on a plain and
+    on a prepacked weight (checked once per process).
+
+    By default only on x86-64, where it was measured; elsewhere (e.g. Apple silicon, whose BLAS is
+    torch's fast path) ``mm`` stays. ``KDFORGE_ONEDNN=0`` turns it off (e.g. to compare with MKL),
+    ``KDFORGE_ONEDNN=1`` turns it on on any CPU where the check passes.
     """
-    if os.environ.get("KDFORGE_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+    env = os.environ.get("KDFORGE_ONEDNN", "")
+    if env == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    if env != "1" and platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     ops = getattr(torch.ops, "mkldnn", None)
     if not all(hasattr(ops, name) for name in ("_linear_pointwise", "_reorder_linear_weight")):
