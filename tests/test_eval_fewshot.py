@@ -251,8 +251,9 @@ def test_scoring_strategies_break_exact_ties_like_argmax():
     assert torch.equal(got_g, ref)
 
 
+@pytest.mark.parametrize("repeat", [1, 2])
 @pytest.mark.parametrize("strategy", ["gather", "classblock"])
-def test_prototype_near_ties_are_decided_in_exact_arithmetic(strategy):
+def test_prototype_near_ties_are_decided_in_exact_arithmetic(strategy, repeat):
     """Queries placed within ~1e-8 of the bisector of two prototypes: float32 scoring gets some of them
     wrong (checked), kdforge must return the decisions of float64 (exact) arithmetic on the same rows."""
     g = torch.Generator().manual_seed(0)
@@ -265,11 +266,13 @@ def test_prototype_near_ties_are_decided_in_exact_arithmetic(strategy):
     x = torch.cat([u[None], r[:Q], v[None], r[Q:]]).float()             # class 0: u + Q rows, class 1: v + Q rows
     y = torch.arange(2).repeat_interleave(Q + 1)
     ep = torch.stack([torch.arange(Q + 1), torch.arange(Q + 1, 2 * Q + 2)])[None]      # (1, 2, 1 + Q)
+    if repeat > 1:          # every query listed twice: each near-tie's correction must count twice
+        ep = torch.cat([ep[..., :1]] + [ep[..., 1:]] * repeat, -1)
 
     def decide(feats):
         p = F.normalize(feats[ep[0, :, 0]], dim=-1)
         q = F.normalize(feats[ep[0, :, 1:].reshape(-1)], dim=-1)
-        return (q @ p.T).argmax(1) == torch.arange(2).repeat_interleave(Q)
+        return (q @ p.T).argmax(1) == torch.arange(2).repeat_interleave(Q * repeat)
 
     exact, fp32 = decide(x.double()), decide(x)
     assert bool((exact != fp32).any())                                   # float32 alone does flip some
