@@ -134,3 +134,11 @@ def test_prepack_same_product_and_fallback(monkeypatch):
     assert prepack(b.double(), 8) is not None and not prepack(b.double(), 8).is_mkldnn
     monkeypatch.setattr(_gemm, "onednn_available", lambda: False)
     assert prepack(b, 8) is b                                     # torch path: nothing to lay out
+
+
+@pytest.mark.parametrize("m,n,k", [(0, 5, 8), (3, 0, 8), (3, 5, 0)])
+def test_matmul_nt_empty_operands(m, n, k):
+    from kdforge.eval._gemm import prepack
+    a, b, c = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    got = matmul_nt(a, prepack(b, max(m, 1)), c)
+    assert torch.equal(got, torch.addmm(c, a, b.T))             # zero products: bias rows (or nothing)

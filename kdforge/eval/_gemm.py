@@ -57,7 +57,7 @@ def onednn_available() -> bool:
 
 def _onednn_for(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> bool:
     return (a.device.type == "cpu" and a.dtype == torch.float32 and a.dim() == b.dim() == 2
-            and (b.dtype == torch.float32 or b.is_mkldnn)
+            and (b.dtype == torch.float32 or b.is_mkldnn) and a.shape[1] > 0 and b.shape[0] > 0
             and (bias is None or bias.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
             and onednn_available())
@@ -70,8 +70,8 @@ def prepack(b: Tensor, rows: int) -> Tensor:
     same gallery block meets many query blocks (a copy of ``b``'s size). Returns ``b`` itself where
     oneDNN is not used (GPU, float64, gradients, ``KDFORGE_ONEDNN=0``).
     """
-    if b.device.type == "cpu" and b.dtype == torch.float32 and b.dim() == 2 and not b.requires_grad \
-            and onednn_available():
+    if b.device.type == "cpu" and b.dtype == torch.float32 and b.dim() == 2 and b.numel() > 0 \
+            and not b.requires_grad and onednn_available():          # (oneDNN rejects empty operands)
         return torch.ops.mkldnn._reorder_linear_weight(b.contiguous(), max(1, int(rows)))
     return b
 
