@@ -1,8 +1,9 @@
 """float32 GEMM on this CPU: torch's default (MKL ``addmm``) vs oneDNN (``kdforge.eval._gemm.matmul_nt``).
 
-Prints, for the shapes of kdforge's hot loops, the time and GFLOPS of each backend, and the share of
-a small ViT's CPU training step spent in torch's GEMMs (what oneDNN could speed up there; training
-itself still uses torch's default).
+Prints, for the shapes of kdforge's hot loops, the time and GFLOPS of each backend, the share of a
+small ViT's CPU training step spent in torch's GEMMs, and an experiment: the same step with every
+``nn.Linear`` run on oneDNN in forward and backward (kdforge's trainer itself still uses torch's
+``nn.Linear``).
 
     OMP_NUM_THREADS=2 python benchmarks/gemm_backends.py
 """
@@ -59,10 +60,72 @@ def training_gemm_share(steps: int) -> tuple[float, float]:
     return gemm / total, ms
 
 
+class _OneDNNLinear(torch.autograd.Function):
+    """Experiment only (not used by kdforge's trainer): y = x Wᵀ + b with oneDNN in forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        op = torch.ops.mkldnn._linear_pointwise
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, w)
+        ctx.has_bias = b is not None
+        return op(x2, w, b, "none", [], "").view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        op = torch.ops.mkldnn._linear_pointwise
+        x2, w = ctx.saved_tensors
+        g2 = gy.reshape(-1, w.shape[0]).contiguous()
+        gx = op(g2, w.t().contiguous(), None, "none", [], "").view(*gy.shape[:-1], w.shape[1])
+        gw = op(g2.t().contiguous(), x2.t().contiguous(), None, "none", [], "")
+        return gx, gw, (g2.sum(0) if ctx.has_bias else None)
+
+
+def training_ab(rounds: int) -> tuple[float, float, float]:
+    """(ms per step with torch's nn.Linear, ms with every nn.Linear on oneDNN, max |loss difference|)
+    for DeiT-tiny at 64 px, batch 32, SGD; the two models start equal and are timed interleaved."""
+    import types
+
+    import timm
+
+    def build(onednn: bool):
+        torch.manual_seed(0)
+        m = timm.create_model("deit_tiny_patch16_224", img_size=64, num_classes=10)
+        if onednn:
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.forward = types.MethodType(lambda self, x: _OneDNNLinear.apply(x, self.weight, self.bias), mod)
+        return m, torch.optim.SGD(m.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 64, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+    runs = {k: build(k) for k in (False, True)}
+
+    def step(k):
+        m, opt = runs[k]
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    diff = max(abs(step(False) - step(True)) for _ in range(3))
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for k in (False, True):
+            t = time.perf_counter()
+            for _ in range(3):
+                step(k)
+            times[k].append((time.perf_counter() - t) / 3)
+    return min(times[False]) * 1e3, min(times[True]) * 1e3, diff
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--steps", type=int, default=5, help="profiled training steps (0: skip)")
+    ap.add_argument("--train-rounds", type=int, default=6,
+                    help="interleaved rounds of the nn.Linear-on-oneDNN training experiment (0: skip)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, oneDNN GEMM used by kdforge: "
           f"{onednn_available()}")
@@ -82,6 +145,11 @@ def main(argv=None):
         share, ms = training_gemm_share(args.steps)
         print(f"DeiT-tiny training step (64 px, batch 32, fp32 CPU): {ms:.0f} ms, {share * 100:.0f} % of the "
               "self CPU time in torch's GEMMs (addmm / mm / bmm)")
+    if args.train_rounds and onednn_available():
+        t_torch, t_dnn, diff = training_ab(args.train_rounds)
+        print(f"same step, every nn.Linear on oneDNN (experiment, forward + backward): {t_dnn:.0f} ms vs "
+              f"{t_torch:.0f} ms with torch's nn.Linear ({t_torch / t_dnn:.2f}x); losses of the first 3 steps "
+              f"differ by at most {diff:.1e}")
 
 
 if __name__ == "__main__":
