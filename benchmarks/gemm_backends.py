@@ -1,9 +1,8 @@
 """float32 GEMM on this CPU: torch's default (MKL ``addmm``) vs oneDNN (``kdforge.eval._gemm.matmul_nt``).
 
 Prints, for the shapes of kdforge's hot loops, the time and GFLOPS of each backend, the share of a
-small ViT's CPU training step spent in torch's GEMMs, and an experiment: the same step with every
-``nn.Linear`` run on oneDNN in forward and backward (kdforge's trainer itself still uses torch's
-``nn.Linear``).
+small ViT's CPU training step spent in torch's GEMMs, and the same step with every ``nn.Linear`` on
+oneDNN in forward and backward (what ``train.cpu_linear=onednn`` does; off by default).
 
     OMP_NUM_THREADS=2 python benchmarks/gemm_backends.py
 """
@@ -60,41 +59,18 @@ def training_gemm_share(steps: int) -> tuple[float, float]:
     return gemm / total, ms
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """Experiment only (not used by kdforge's trainer): y = x Wᵀ + b with oneDNN in forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        op = torch.ops.mkldnn._linear_pointwise
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, w)
-        ctx.has_bias = b is not None
-        return op(x2, w, b, "none", [], "").view(*x.shape[:-1], w.shape[0])
-
-    @staticmethod
-    def backward(ctx, gy):
-        op = torch.ops.mkldnn._linear_pointwise
-        x2, w = ctx.saved_tensors
-        g2 = gy.reshape(-1, w.shape[0]).contiguous()
-        gx = op(g2, w.t().contiguous(), None, "none", [], "").view(*gy.shape[:-1], w.shape[1])
-        gw = op(g2.t().contiguous(), x2.t().contiguous(), None, "none", [], "")
-        return gx, gw, (g2.sum(0) if ctx.has_bias else None)
-
-
 def training_ab(rounds: int) -> tuple[float, float, float]:
-    """(ms per step with torch's nn.Linear, ms with every nn.Linear on oneDNN, max |loss difference|)
+    """(ms per step with torch's nn.Linear, ms with ``train.cpu_linear=onednn``'s layers, max |loss difference|)
     for DeiT-tiny at 64 px, batch 32, SGD; the two models start equal and are timed interleaved."""
-    import types
-
     import timm
+
+    from kdforge.engine.cpu_linear import use_onednn_linears
 
     def build(onednn: bool):
         torch.manual_seed(0)
         m = timm.create_model("deit_tiny_patch16_224", img_size=64, num_classes=10)
         if onednn:
-            for mod in m.modules():
-                if isinstance(mod, torch.nn.Linear):
-                    mod.forward = types.MethodType(lambda self, x: _OneDNNLinear.apply(x, self.weight, self.bias), mod)
+            use_onednn_linears(m)                    # what train.cpu_linear=onednn does
         return m, torch.optim.SGD(m.parameters(), lr=0.01)
 
     g = torch.Generator().manual_seed(0)
@@ -147,7 +123,7 @@ def main(argv=None):
               "self CPU time in torch's GEMMs (addmm / mm / bmm)")
     if args.train_rounds and onednn_available():
         t_torch, t_dnn, diff = training_ab(args.train_rounds)
-        print(f"same step, every nn.Linear on oneDNN (experiment, forward + backward): {t_dnn:.0f} ms vs "
+        print(f"same step with train.cpu_linear=onednn (forward + backward on oneDNN): {t_dnn:.0f} ms vs "
               f"{t_torch:.0f} ms with torch's nn.Linear ({t_torch / t_dnn:.2f}x); losses of the first 3 steps "
               f"differ by at most {diff:.1e}")
 

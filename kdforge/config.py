@@ -291,6 +291,7 @@ class TrainConfig:
     best_metric: Optional[str] = None          # default: the method's own
     channels_last: bool = False
     compile: bool = False
+    cpu_linear: Literal["torch", "onednn"] = "torch"   # onednn: nn.Linear GEMMs on oneDNN on CPU (float32)
     find_unused_parameters: bool = False
     deterministic: bool = False
     max_steps: Optional[int] = None            # stop (and save) after this many optimizer steps

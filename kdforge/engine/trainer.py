@@ -229,6 +229,19 @@ class _SignalGuard:
 # the trainer
 # ------------------------------------------------------------------------------------------------
 
+def _onednn_linears(method, device: torch.device) -> str:
+    """train.cpu_linear=onednn: the student's (and teacher's) nn.Linear layers on oneDNN; a log line."""
+    from kdforge.engine.cpu_linear import use_onednn_linears
+    from kdforge.eval._gemm import onednn_available
+    if device.type != "cpu":
+        return f"train.cpu_linear=onednn ignored: the run is on {device.type}, not cpu"
+    if not onednn_available():
+        return ("train.cpu_linear=onednn ignored: torch's oneDNN linear op is unavailable here "
+                "(or not an x86-64 CPU, or KDFORGE_ONEDNN=0)")
+    n = use_onednn_linears(method) + (use_onednn_linears(method.teacher) if method.teacher is not None else 0)
+    return f"train.cpu_linear=onednn: {n} linear layers compute on oneDNN (float32, outside autocast)"
+
+
 def train(cfg: Config) -> RunResult:
     """Train ``cfg`` to completion (or until interrupted / ``train.max_steps``). See module doc."""
     setup_console_logging()
@@ -268,6 +281,8 @@ def train(cfg: Config) -> RunResult:
         rep = load_state_dict_checked(method, src["model"], strict=False, source=f"init_from {cfg.init_from}")
         logger.text(f"warm start from {cfg.init_from}: {rep.summary()}")
     method.to(device)
+    if tc.cpu_linear == "onednn":
+        logger.text(_onednn_linears(method, device))
     if tc.channels_last:
         method.to(memory_format=torch.channels_last)
     if tc.compile:
