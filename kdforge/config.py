@@ -233,6 +233,14 @@ class ModelConfig:
                 hint = (f"; in a YAML flow mapping put a space after the colon: {{{k.replace(':', ': ', 1)}}}"
                         if isinstance(k, str) and ":" in k else "")
                 raise ConfigError(f"{_k(prefix, 'kwargs')}: {k!r} is not a constructor argument name{hint}")
+            if k in _SET_ELSEWHERE:
+                raise ConfigError(f"{_k(prefix, 'kwargs')}: {k!r} is set by {_SET_ELSEWHERE[k]}; remove it from "
+                                  f"{_k(prefix, 'kwargs')} and set {_SET_ELSEWHERE[k]} instead")
+
+
+# model constructor arguments the trainer fills from other keys (a duplicate in model.kwargs would crash)
+_SET_ELSEWHERE = {"img_size": "data.img_size", "in_chans": "data.in_chans", "num_classes": "model.num_classes",
+                  "weights": "model.weights", "strict": "model.strict"}
 
 
 @dataclass

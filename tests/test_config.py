@@ -88,3 +88,14 @@ def test_model_kwargs_yaml_colon_pitfall_is_an_error(tmp_path):
                                           r"\{patch_size: 8\}"):
         load_config(str(cfg), ["model.kwargs={patch_size:8}"])
     assert load_config(str(cfg), ["model.kwargs={patch_size: 8}"]).model.kwargs == {"patch_size": 8}
+
+
+def test_model_kwargs_that_other_keys_set_are_an_error(tmp_path):
+    """model.kwargs={img_size: 32} duplicated data.img_size and crashed with a TypeError in the trainer."""
+    from kdforge.config import ConfigError, load_config
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name: kdf_vit_micro}}\ndata: {{root: {tmp_path}, require_root: false}}\n")
+    with pytest.raises(ConfigError, match=r"model\.kwargs: 'img_size' is set by data\.img_size"):
+        load_config(str(cfg), ["model.kwargs={img_size: 32, patch_size: 4}"])
+    with pytest.raises(ConfigError, match=r"model\.kwargs: 'num_classes' is set by model\.num_classes"):
+        load_config(str(cfg), ["model.kwargs={num_classes: 3}"])
