@@ -54,26 +54,26 @@ def test_matmul_nt_keeps_autograd():
 
 
 def test_env_switch_turns_onednn_off(monkeypatch):
-    onednn_available.cache_clear()
+    _gemm._onednn_works.cache_clear()
     monkeypatch.setenv("KDFORGE_ONEDNN", "0")
     try:
         assert onednn_available() is False
     finally:
-        onednn_available.cache_clear()
+        _gemm._onednn_works.cache_clear()
 
 
 def test_onednn_default_only_on_x86(monkeypatch):
     import platform
-    onednn_available.cache_clear()
+    _gemm._onednn_works.cache_clear()
     monkeypatch.delenv("KDFORGE_ONEDNN", raising=False)
     monkeypatch.setattr(platform, "machine", lambda: "arm64")
     try:
         assert onednn_available() is False                       # not measured there: torch's mm stays
-        onednn_available.cache_clear()
+        _gemm._onednn_works.cache_clear()
         monkeypatch.setenv("KDFORGE_ONEDNN", "1")                 # forced on: only the correctness check decides
         assert onednn_available() is torch.backends.mkldnn.is_available()
     finally:
-        onednn_available.cache_clear()
+        _gemm._onednn_works.cache_clear()
 
 
 def test_onednn_present_on_this_torch_build():
@@ -142,3 +142,24 @@ def test_matmul_nt_empty_operands(m, n, k):
     a, b, c = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
     got = matmul_nt(a, prepack(b, max(m, 1)), c)
     assert torch.equal(got, torch.addmm(c, a, b.T))             # zero products: bias rows (or nothing)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_torch_mkldnn_flag_is_honoured():
+    from kdforge.eval._gemm import prepack
+    _, b, _ = _ab()
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert onednn_available() is False
+        assert not prepack(b, 8).is_mkldnn
+
+
+def test_packed_operand_on_the_torch_path():
+    from kdforge.eval._gemm import prepack
+    a, b, c = _ab()
+    packed = prepack(b, 8)
+    if not packed.is_mkldnn:
+        pytest.skip("oneDNN not used here: nothing is packed")
+    got = matmul_nt(a.clone().requires_grad_(True), packed, c)   # autograd: torch path on a densified b
+    torch.testing.assert_close(got, torch.addmm(c, a, b.T), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="dtype"):             # torch's own message, not an MkldnnCPU one
+        matmul_nt(a.double(), packed, c.double())

@@ -26,15 +26,21 @@ import torch
 from torch import Tensor
 
 
-@functools.lru_cache(maxsize=None)
 def onednn_available() -> bool:
-    """Whether to use the oneDNN fp32 linear op: it exists, runs and matches ``mm`` here, on a plain and
-    on a prepacked weight (checked once per process).
+    """Whether to use the oneDNN fp32 linear op: torch's oneDNN is enabled
+    (``torch.backends.mkldnn.flags(enabled=False)`` turns it off) and the op exists, runs and matches
+    ``mm`` here, on a plain and on a prepacked weight (checked once per process).
 
     By default only on x86-64, where it was measured; elsewhere (e.g. Apple silicon, whose BLAS is
     torch's fast path) ``mm`` stays. ``KDFORGE_ONEDNN=0`` turns it off (e.g. to compare with MKL),
     ``KDFORGE_ONEDNN=1`` turns it on on any CPU where the check passes.
     """
+    return bool(torch.backends.mkldnn.enabled) and _onednn_works()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_works() -> bool:
+    """The once-per-process part of :func:`onednn_available` (environment, CPU, op check)."""
     env = os.environ.get("KDFORGE_ONEDNN", "")
     if env == "0" or not torch.backends.mkldnn.is_available():
         return False
@@ -88,6 +94,8 @@ def matmul_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, *, out: Optio
     if _onednn_for(a, b, bias):
         return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b if b.is_mkldnn else b.contiguous(),
                                                   None if bias is None else bias.contiguous(), "none", [], "")
+    if b.is_mkldnn:                              # packed for oneDNN, but this call cannot use it
+        b = b.to_dense()
     if bias is None:
         return torch.mm(a, b.T, out=out) if out is not None else a @ b.T
     return torch.addmm(bias, a, b.T, out=out) if out is not None else torch.addmm(bias, a, b.T)
