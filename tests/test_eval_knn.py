@@ -124,3 +124,15 @@ def test_unknown_rep_space_and_labels_absent_from_gallery():
     r = best_nn(tr, ty, tr[:4], torch.tensor([0, 0, 9, 9]), ks=[1])            # class 9 never in the gallery
     assert r.acc_by_k[1] == 50.0
     assert math.isfinite(r.best_acc)
+
+
+def test_knn_search_mismatched_inputs_and_mixed_precision_best_nn():
+    g = torch.Generator().manual_seed(5)
+    gal, q = torch.randn(60, 4, generator=g), torch.randn(9, 4, generator=g)
+    with pytest.raises(ValueError, match="must share dtype, device and feature size"):
+        knn_search(gal, q.double(), 3)
+    with pytest.raises(ValueError, match="must share dtype, device and feature size"):
+        knn_search(gal, q[:, :3], 3)
+    y, yq = torch.arange(60) % 3, torch.arange(9) % 3
+    mixed = best_nn(gal.double(), y, q, yq, ks=[1, 3])          # float64 gallery, float32 queries
+    assert mixed.acc_by_k == best_nn(gal.double(), y, q.double(), yq, ks=[1, 3]).acc_by_k

@@ -117,9 +117,10 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: Optional[int]
             queries, one reused buffer); the whole gallery per block when ``chunk × N ≤ B``, else
             B // chunk rows. Gallery blocks are the outer loop: each is laid out for the GEMM once
             (:func:`kdforge.eval._gemm.prepack`, a copy of the block) and meets every query block
-            while it is in cache; its k best per query are kept, and merged whenever ~2^23 such
-            candidates pile up. Peak extra memory: one distance block, one packed gallery block, a
-            −2·queries copy (M × D) and at most ~2^23 + M·k candidate (value, row) pairs.
+            while it is in cache; its k best per query are kept, and merged whenever ~2^22 such
+            candidates pile up; queries go through this in super-blocks of ≤ 2^22 / k. Peak extra
+            memory besides the (M, k) result: one distance block, one packed gallery block, a
+            −2·queries copy of one super-block and ~4 × 2^22 candidate (value, row) pairs (~200 MB).
         backend: ``"torch"`` (default, any device) or ``"faiss"`` (CPU ``IndexFlatL2``; optional
             dependency, same neighbours up to float rounding of near-equal distances).
 
@@ -134,6 +135,10 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: Optional[int]
         return _faiss_search(gallery, queries, k)
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose 'torch' or 'faiss'")
+    if queries.dtype != gallery.dtype or queries.device != gallery.device or queries.shape[1:] != gallery.shape[1:]:
+        raise ValueError(f"queries {tuple(queries.shape)} {queries.dtype} on {queries.device} and gallery "
+                         f"{tuple(gallery.shape)} {gallery.dtype} on {gallery.device} must share dtype, device "
+                         "and feature size")
     M = queries.shape[0]
     chunk, gallery_chunk = block_shape(gallery, k, chunk, gallery_chunk)
     # blocks: full-group blocks over [0, N_main), then the < _GROUP tail rows (if any) on their own
@@ -142,18 +147,37 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: Optional[int]
     if n_main < N:
         blocks.append((n_main, N - n_main))
     g2 = torch.linalg.vector_norm(gallery, dim=1).pow_(2)               # no (N, D) temporary
-    q2 = queries * -2.0                                                 # exact scaling by a power of 2
     dev, dt = gallery.device, gallery.dtype
+    out_d = torch.empty(M, k, dtype=dt, device=dev)
+    out_i = torch.empty(M, k, dtype=torch.long, device=dev)
     buf = torch.empty(min(chunk, M) * max(w for _, w in blocks), dtype=dt, device=dev)
-    pend_d, pend_i = [], []                # per-block candidates (M, ≤ k), merged when they pile up
+    # query super-blocks of ≤ _PENDING / k queries bound the candidates held across gallery blocks
+    sup = max(chunk, (_PENDING // k) // chunk * chunk)
+    for s0 in range(0, M, sup):
+        q = queries[s0:s0 + sup]
+        best_d, best_i = _search_gallery(gallery, g2, q, blocks, k, chunk, buf)
+        out_d[s0:s0 + sup] = (best_d + torch.linalg.vector_norm(q, dim=1, keepdim=True).pow_(2)).clamp_min_(0)
+        out_i[s0:s0 + sup] = best_i
+    return out_d, out_i
+
+
+def _search_gallery(gallery: Tensor, g2: Tensor, queries: Tensor, blocks: list, k: int, chunk: int,
+                    buf: Tensor) -> tuple[Tensor, Tensor]:
+    """(‖g‖² − 2 q·g of the k nearest, ascending; their rows) for queries (m, D) over the gallery blocks.
+
+    Gallery blocks outside, query blocks inside: each gallery block is laid out for the GEMM once
+    (:func:`~kdforge.eval._gemm.prepack`) and stays in cache while every query block meets it; its k
+    best per query are kept and merged with the others whenever ~_PENDING candidates pile up.
+    """
+    M = queries.shape[0]
+    q2 = queries * -2.0                                                 # exact scaling by a power of 2
+    pend_d, pend_i = [], []
     limit = max(2 * k, _PENDING // max(M, 1))
-    # gallery blocks outside, query blocks inside: each gallery block is laid out for the GEMM once
-    # (prepack) and stays in cache while every query block meets it
     for t, w in blocks:
         gw = prepack(gallery[t:t + w], chunk)
         kb = min(k, w)
-        bd = torch.empty(M, kb, dtype=dt, device=dev)
-        bi = torch.empty(M, kb, dtype=torch.long, device=dev)
+        bd = torch.empty(M, kb, dtype=gallery.dtype, device=gallery.device)
+        bi = torch.empty(M, kb, dtype=torch.long, device=gallery.device)
         for s in range(0, M, chunk):
             m = min(chunk, M - s)
             # ‖g‖² − 2 q·g : the query's own ‖q‖² does not change its ranking (buf: reused if possible)
@@ -166,9 +190,7 @@ def knn_search(gallery: Tensor, queries: Tensor, k: int, *, chunk: Optional[int]
         if sum(p.shape[1] for p in pend_d) >= limit:
             run_d, run_i = _merge(pend_d, pend_i, k, sort=False)
             pend_d, pend_i = [run_d], [run_i]
-    best_d, best_i = _merge(pend_d, pend_i, k, sort=True)
-    out_d = (best_d + torch.linalg.vector_norm(queries, dim=1, keepdim=True).pow_(2)).clamp_min_(0)
-    return out_d, best_i
+    return _merge(pend_d, pend_i, k, sort=True)
 
 
 def _merge(cand_d: list, cand_i: list, k: int, sort: bool) -> tuple[Tensor, Tensor]:
@@ -186,7 +208,7 @@ def _merge(cand_d: list, cand_i: list, k: int, sort: bool) -> tuple[Tensor, Tens
 
 
 _GROUP = 16
-_PENDING = 2**23     # candidate entries (values + rows) held across gallery blocks before a merge
+_PENDING = 2**22     # candidate (value, row) pairs held across gallery blocks before a merge
 
 
 def _smallest(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -308,7 +330,7 @@ def best_nn(train_x: Tensor, train_y, test_x: Tensor, test_y, k_max: int = 101, 
     n_classes, tr_idx, _ = _labels_index(train_y)
 
     def accs(x: Tensor, y: Tensor) -> dict:
-        q = f(x.to(dev))
+        q = f(x.to(dev)).to(gal.dtype)                                      # float32 vs float64 inputs: the gallery's
         if weighted:
             q = l2_normalize(q)
         _, (y_idx,) = _labels_index(train_y, y.to(dev))[1:]
