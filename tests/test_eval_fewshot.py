@@ -295,3 +295,14 @@ def test_single_thread_only_when_cores_are_busy(monkeypatch):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(n0)
+
+
+def test_strategies_agree_when_every_score_ties_exactly():
+    """Identical rows: the logistic scorers are all zero (so is the near-tie margin) and every score
+    ties; argmax picks way 0, and both strategies must count exactly that (classblock once said 0 %)."""
+    labels = torch.tensor([0] * 4 + [1] * 4)
+    feats = torch.ones(8, 3)
+    ep = torch.tensor([[[0, 1, 2, 3], [4, 5, 6, 7]]])                # 1 shot, 3 queries per way
+    got = {st: evaluate_episodes(feats, labels, ep, 1, "logistic", strategy=st).accuracies.tolist()
+           for st in ("gather", "classblock")}
+    assert got["gather"] == got["classblock"] == [50.0]

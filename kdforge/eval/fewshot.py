@@ -425,7 +425,7 @@ def _correct_classblock(feats: Tensor, rinv: Tensor, queries: Tensor, w: Tensor,
             ok = low > 0
             pr = _pos_rows(queries, pos, ek, wk)                            # (K, Q) query positions in c
             correct.index_add_(0, ek, ok.gather(1, pr).sum(1))
-            k, r = (low.abs() < near[ek][:, None]).nonzero(as_tuple=True)   # near-ties and exact ties
+            k, r = (low.abs() <= near[ek][:, None]).nonzero(as_tuple=True)  # near-ties and exact ties
             if r.numel():       # counted with their float32 verdict for now, corrected at the end
                 pending.append((rows_c[r], ek[k], wk[k], ok[k, r], (pr[k] == r[:, None]).sum(1)))
     _apply_rechecks(correct, pending, recheck)
