@@ -53,6 +53,32 @@ def test_frozen_weight_and_no_grad():
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_onednn
+def test_frozen_layer_keeps_no_activation_for_backward():
+    _, fast = _pair()
+    fast.requires_grad_(False)
+    x = torch.randn(50, 24, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = fast(x)
+    assert saved == [fast.weight.numel()]                       # the weight (for ∂x), not the (50, 24) input
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_torch_func_transforms_fall_back_to_nn_linear():
+    ref, fast = _pair()
+    x = torch.randn(4, 24)
+
+    def grads(m):
+        params = dict(m.named_parameters())
+        return torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,)).pow(2).sum())(params)
+
+    got, want = grads(fast), grads(ref)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
 def test_swap_keeps_parameters_state_dict_and_copies():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4), nn.MultiheadAttention(8, 2))

@@ -12,7 +12,8 @@ autocast and ``torch.compile`` tracing and when the op passed kdforge's one-time
 (:func:`kdforge.eval._gemm.onednn_available`); otherwise it is ``nn.Linear.forward``. Results equal
 ``nn.Linear``'s up to float32 summation order (first-step losses of the DeiT-tiny run: 5e-7 apart).
 Off by default: it changes training numerics in their last bits, so runs are not bit-identical
-to runs made without it.
+to runs made without it. Not twice differentiable (``create_graph=True`` gradients-of-gradients
+raise); inside ``torch.func`` transforms the layers fall back to ``nn.Linear``.
 """
 from __future__ import annotations
 
@@ -35,18 +36,21 @@ class OneDNNLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        ctx.save_for_backward(x2, weight)
+        # keep only what the backward will use: x for ∂W, W for ∂x (a frozen layer keeps no activation)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
+        ctx.features = weight.shape                                         # (out, in)
         return _linear(x2, weight.contiguous(), bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x2, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, weight.shape[0]).contiguous()
+        n_out, n_in = ctx.features
+        g2 = grad.reshape(-1, n_out).contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _linear(g2, weight.t().contiguous()).view(*grad.shape[:-1], weight.shape[1])
+            gx = _linear(g2, weight.t().contiguous()).view(*grad.shape[:-1], n_in)
         if ctx.needs_input_grad[1]:
             gw = _linear(g2.t().contiguous(), x2.t().contiguous())
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -60,9 +64,15 @@ class OneDNNLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and x.shape[-1] > 0
                 and self.out_features > 0 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling() and onednn_available()):
+                and not torch.compiler.is_compiling() and not _functorch_active() and onednn_available()):
             return OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def _functorch_active() -> bool:
+    """Inside torch.func transforms (grad, vmap, ...), which this Function does not support."""
+    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(probe()) if probe is not None else False
 
 
 def use_onednn_linears(module: nn.Module) -> int:
