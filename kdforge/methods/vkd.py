@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdforge.align.orthogonal import OrthogonalProjector, make_projector
