@@ -111,16 +111,18 @@ train(load_config("configs/supervised/digits_cpu.yaml", args))
 """
 
 
-def test_two_process_gloo_ddp_equals_single_process(digits_root, tmp_path, tiny):
+@pytest.mark.parametrize("cpu_linear", ["torch", "onednn"])
+def test_two_process_gloo_ddp_equals_single_process(digits_root, tmp_path, tiny, cpu_linear):
     common = {"model.name": "kdf_vit_micro", "optim.name": "sgd", "optim.lr": 0.05, "optim.momentum": 0.0,
               "train.epochs": 1, "train.max_steps": 6, "sched.name": "constant", "sched.warmup_epochs": 0,
-              "data.val_split": "null"}
+              "data.val_split": "null", "train.cpu_linear": cpu_linear}
     single = train(load_config(PRESET, tiny(digits_root, tmp_path / "one", **{**common, "data.batch_size": 32})))
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     args = tiny(digits_root, tmp_path / "two", **{**common, "data.batch_size": 16})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    port = 29517 if cpu_linear == "torch" else 29518
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                         str(script)] + args, capture_output=True, text=True, env=env, timeout=300,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
