@@ -21,12 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from kdforge.eval._gemm import onednn_available
-
-
-def _linear(x2: Tensor, w: Tensor, bias=None) -> Tensor:
-    """x2 (m, k) @ w (n, k)ᵀ + bias on oneDNN → (m, n)."""
-    return torch.ops.mkldnn._linear_pointwise(x2, w, bias, "none", [], "")
+from kdforge.eval._gemm import onednn_available, onednn_linear
 
 
 class OneDNNLinearFunction(torch.autograd.Function):
@@ -40,7 +35,7 @@ class OneDNNLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         ctx.features = weight.shape                                         # (out, in)
-        return _linear(x2, weight.contiguous(), bias).view(*x.shape[:-1], weight.shape[0])
+        return onednn_linear(x2, weight.contiguous(), bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @once_differentiable
@@ -50,9 +45,9 @@ class OneDNNLinearFunction(torch.autograd.Function):
         g2 = grad.reshape(-1, n_out).contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _linear(g2, weight.t().contiguous()).view(*grad.shape[:-1], n_in)
+            gx = onednn_linear(g2, weight.t().contiguous()).view(*grad.shape[:-1], n_in)
         if ctx.needs_input_grad[1]:
-            gw = _linear(g2.t().contiguous(), x2.t().contiguous())
+            gw = onednn_linear(g2.t().contiguous(), x2.t().contiguous())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb

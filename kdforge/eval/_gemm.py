@@ -26,6 +26,13 @@ import torch
 from torch import Tensor
 
 
+def onednn_linear(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``a @ b.T + bias`` on oneDNN, unchecked: a (m, k), b (n, k) or from :func:`prepack`, bias (n,) or
+    None, float32 CPU tensors → (m, n). The one call of torch's private op; callers check
+    :func:`onednn_available` and their operands first."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
 def onednn_available() -> bool:
     """Whether to use the oneDNN fp32 linear op: torch's oneDNN is enabled
     (``torch.backends.mkldnn.flags(enabled=False)`` turns it off) and the op exists, runs and matches
@@ -54,8 +61,8 @@ def _onednn_works() -> bool:
         a, b, c = (torch.randn(s, generator=g) for s in ((7, 33), (5, 33), (5,)))
         want = torch.addmm(c, a, b.T)
         with torch.no_grad():
-            plain = ops._linear_pointwise(a, b, c, "none", [], "")
-            packed = ops._linear_pointwise(a, ops._reorder_linear_weight(b, 7), c, "none", [], "")
+            plain = onednn_linear(a, b, c)
+            packed = onednn_linear(a, ops._reorder_linear_weight(b, 7), c)
         return all(bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5)) for got in (plain, packed))
     except Exception:        # noqa: BLE001 - any failure of a private op means: do not use it
         return False
@@ -92,8 +99,8 @@ def matmul_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, *, out: Optio
     are reused instead of page-faulted in again). ``a`` and ``b`` are made contiguous for oneDNN.
     """
     if _onednn_for(a, b, bias):
-        return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b if b.is_mkldnn else b.contiguous(),
-                                                  None if bias is None else bias.contiguous(), "none", [], "")
+        return onednn_linear(a.contiguous(), b if b.is_mkldnn else b.contiguous(),
+                             None if bias is None else bias.contiguous())
     if b.is_mkldnn:                              # packed for oneDNN, but this call cannot use it
         b = b.to_dense()
     if bias is None:
